@@ -1,0 +1,164 @@
+"""The one exception tree of netfly.
+
+Every error netfly raises is a :class:`NetflyError`::
+
+    NetflyError
+    ├── ConfigurationError            bad input or setup, raised before any I/O
+    │   └── ModelNotSupportedError    model outside the provider's ``models``
+    ├── TransportError                could not exchange bytes with the server
+    │   ├── ProxyError                the proxy refused or failed
+    │   └── NetflyTimeoutError        connect / idle / total limit hit (also a ``TimeoutError``)
+    ├── ResponseStatusError           the server answered with a non-2xx status (``.status``)
+    │   ├── BadRequestError           400, 404, 422 and other 4xx not listed below
+    │   ├── AuthenticationError       401, 403
+    │   ├── RateLimitError            429
+    │   └── ServerError               5xx
+    ├── StreamError                   the answer's stream went wrong
+    │   ├── StreamInterruptedError    cut after text was delivered (``.partial_text``)
+    │   └── StreamDecodeError         bytes that are not a valid event stream
+    ├── UpstreamError                 the server reported an error inside the answer
+    └── AllProvidersFailedError       a routed request failed on every provider (``.errors``)
+
+Messages never contain API keys or proxy passwords: they are built by netfly from redacted parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class NetflyError(Exception):
+    """Base class of every error raised by netfly."""
+
+
+class ConfigurationError(NetflyError, ValueError):
+    """Invalid arguments or provider configuration; raised before any network I/O."""
+
+
+class ModelNotSupportedError(ConfigurationError):
+    """The requested model is not in the provider's ``models``."""
+
+    def __init__(self, provider: str, model: str, supported: Sequence[str]) -> None:
+        self.provider = provider
+        self.model = model
+        self.supported = list(supported)
+        super().__init__(
+            f"model {model!r} is not supported by {provider}; supported: {', '.join(self.supported)}"
+        )
+
+
+class TransportError(NetflyError):
+    """Connecting, sending or receiving failed (refused, reset, DNS, TLS)."""
+
+
+class ProxyError(TransportError):
+    """The proxy could not be reached or refused the tunnel."""
+
+
+class NetflyTimeoutError(TransportError, TimeoutError):
+    """A connect, idle (between chunks) or total time limit was exceeded.
+
+    ``phase`` is ``"connect"``, ``"idle"`` or ``"total"``.
+    """
+
+    def __init__(self, message: str, phase: str) -> None:
+        self.phase = phase
+        super().__init__(message)
+
+
+class ResponseStatusError(NetflyError):
+    """The server answered with an HTTP error status.
+
+    ``status`` is the HTTP status, ``message`` the server's own error message (when it sent one),
+    ``retry_after`` the delay it asked for in seconds (when it did).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        provider: str = "",
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        self.status = status
+        self.message = message
+        self.provider = provider
+        self.retry_after = retry_after
+        self.body = body
+        where = f"{provider}: " if provider else ""
+        super().__init__(f"{where}HTTP {status}: {message}" if message else f"{where}HTTP {status}")
+
+
+class BadRequestError(ResponseStatusError):
+    """A 4xx status other than 401, 403 and 429: the request itself was refused."""
+
+
+class AuthenticationError(ResponseStatusError):
+    """401 or 403: the API key is missing, wrong or not allowed."""
+
+
+class RateLimitError(ResponseStatusError):
+    """429: too many requests; ``retry_after`` says how long the server asked to wait."""
+
+
+class ServerError(ResponseStatusError):
+    """5xx: the server failed."""
+
+
+class StreamError(NetflyError):
+    """The event stream of an answer could not be read to its end."""
+
+
+class StreamInterruptedError(StreamError):
+    """The stream broke after text was already delivered, so it cannot be retried safely.
+
+    ``partial_text`` holds everything the caller received before the break.
+    """
+
+    def __init__(self, message: str, partial_text: str) -> None:
+        self.partial_text = partial_text
+        super().__init__(message)
+
+
+class StreamDecodeError(StreamError):
+    """The stream's bytes broke the event-stream format (over-long line, bad JSON in strict mode)."""
+
+
+class UpstreamError(NetflyError):
+    """The server reported an error inside a successful (2xx) answer."""
+
+    def __init__(self, message: str, *, code: Any = None, type: str | None = None) -> None:  # noqa: A002
+        self.message = message
+        self.code = code
+        self.type = type
+        super().__init__(message)
+
+
+class AllProvidersFailedError(NetflyError):
+    """Every provider of a routed request failed; ``errors`` maps provider name to its error."""
+
+    def __init__(self, errors: dict[str, BaseException]) -> None:
+        self.errors = errors
+        lines = "; ".join(f"{name}: {type(err).__name__}: {err}" for name, err in errors.items())
+        super().__init__(f"all providers failed: {lines}")
+
+
+def error_for_status(
+    status: int, message: str, *, provider: str = "", retry_after: float | None = None, body: Any = None
+) -> ResponseStatusError:
+    """The most specific :class:`ResponseStatusError` subclass for an HTTP status."""
+    cls: type[ResponseStatusError]
+    if status in (401, 403):
+        cls = AuthenticationError
+    elif status == 429:
+        cls = RateLimitError
+    elif status >= 500:
+        cls = ServerError
+    elif 400 <= status < 500:
+        cls = BadRequestError
+    else:
+        cls = ResponseStatusError
+    return cls(status, message, provider=provider, retry_after=retry_after, body=body)

@@ -1,0 +1,251 @@
+"""The provider base class: configuration as class attributes, the same engine underneath.
+
+A provider turns ``(model, messages, **kwargs)`` into a validated :class:`ChatRequest` and hands it
+to a :class:`ChatStream`. Subclassing changes the target::
+
+    class Local(FreeNetfly):
+        url = "http://127.0.0.1:8080"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from . import _json, _sync
+from .__about__ import __version__
+from .chunks import ChatResult
+from .errors import ConfigurationError, ModelNotSupportedError
+from .messages import validate_messages
+from .retry import RetryPolicy
+from .sse import DEFAULT_MAX_LINE_BYTES
+from .stream import ChatRequest, ChatStream
+from .transport import Proxy, Timeout
+
+# Per-call keyword arguments that configure the call instead of going into the request body.
+CALL_OPTIONS = frozenset(
+    {"timeout", "max_retries", "retry_delay", "retry_policy", "headers", "api_key", "strict", "max_line_bytes"}
+)
+
+BROWSER_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/126.0.0.0 Safari/537.36"
+)
+
+
+class Provider:
+    """Base of every provider. Subclasses set class attributes; the methods stay the same."""
+
+    label: ClassVar[str | None] = None  # display name; defaults to the class name
+    url: ClassVar[str] = ""
+    api_endpoint: ClassVar[str] = "/v1/chat/completions"
+    working: ClassVar[bool] = False  # declared state; ``await P.check()`` measures it
+    default_model: ClassVar[str] = ""
+    models: ClassVar[Sequence[str]] = ()  # empty: any model name is passed through
+    model_aliases: ClassVar[Mapping[str, str]] = {}
+    default_params: ClassVar[Mapping[str, Any]] = {}  # request-body defaults, overridable per call
+    headers: ClassVar[Mapping[str, str]] = {}  # extra headers, over the defaults
+    browser_headers: ClassVar[bool] = False  # send browser-like headers (origin, referer, UA)
+    api_key: ClassVar[str | None] = None
+    api_key_env: ClassVar[str | None] = None  # env var read when api_key is not set
+    needs_auth: ClassVar[bool] = False
+    max_retries: ClassVar[int] = 5  # attempts in all, the first included (seed semantics)
+    retry_delay: ClassVar[float] = 2.0  # first backoff delay, doubled each retry
+    timeout: ClassVar[Timeout] = Timeout()
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.label or cls.__name__
+
+    @classmethod
+    def configure(cls, *, name: str | None = None, **attributes: Any) -> type[Provider]:
+        """A subclass with some class attributes changed, without writing a class.
+
+        ``OpenAICompatible.configure(url="http://127.0.0.1:8080", api_key="...")``
+        """
+        unknown = sorted(k for k in attributes if not hasattr(cls, k) or k.startswith("_"))
+        if unknown:
+            raise ConfigurationError(f"{cls.name()}.configure: unknown attribute(s): {', '.join(unknown)}")
+        if "timeout" in attributes:
+            attributes["timeout"] = Timeout.coerce(attributes["timeout"])
+        if name is not None:
+            attributes["label"] = name
+        return type(name or cls.__name__, (cls,), attributes)
+
+    @classmethod
+    def get_model(cls, model: str | None) -> str:
+        """Resolve ``model``: empty → ``default_model``; aliases honoured; checked against ``models``."""
+        if model is not None and not isinstance(model, str):
+            raise ConfigurationError(f"model must be a string, got {type(model).__name__}")
+        if not model:
+            if not cls.default_model:
+                raise ConfigurationError(f"{cls.name()} has no default model; pass model=...")
+            return cls.default_model
+        model = cls.model_aliases.get(model, model)
+        if cls.models and model not in cls.models:
+            raise ModelNotSupportedError(cls.name(), model, cls.models)
+        return model
+
+    @classmethod
+    def endpoint_url(cls) -> str:
+        url = cls.url.rstrip("/") + "/" + cls.api_endpoint.lstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(f"{cls.name()}: url must be an http(s) URL with a host, got {cls.url!r}")
+        return url
+
+    @classmethod
+    def resolve_api_key(cls, api_key: str | None = None) -> str | None:
+        if api_key:
+            return api_key
+        if cls.api_key:
+            return cls.api_key
+        if cls.api_key_env:
+            return os.environ.get(cls.api_key_env) or None
+        return None
+
+    @classmethod
+    def default_headers(cls) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": "text/event-stream, application/json"}
+        if cls.browser_headers:
+            origin = cls.url.rstrip("/")
+            headers.update({
+                "accept-language": "en-US,en;q=0.9",
+                "origin": origin,
+                "referer": origin + "/",
+                "user-agent": BROWSER_USER_AGENT,
+            })
+        else:
+            headers["user-agent"] = f"netfly/{__version__}"
+        return headers
+
+    # -- building a request --------------------------------------------------------------------
+
+    @classmethod
+    def build_request(
+        cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any
+    ) -> ChatRequest:
+        """Validate everything and build the request; no I/O happens here."""
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
+        checked = validate_messages(messages)
+        resolved_model = cls.get_model(model)
+        url = cls.endpoint_url()
+
+        body: dict[str, Any] = {"messages": checked, "stream": True, "model": resolved_model}
+        body.update(cls.default_params)
+        body.update({k: v for k, v in kwargs.items() if v is not None})
+        payload = _serialise(body)
+
+        headers = cls.default_headers()
+        headers.update(cls.headers)
+        call_headers = options.get("headers")
+        if call_headers is not None:
+            if not isinstance(call_headers, Mapping):
+                raise ConfigurationError("headers must be a mapping of header names to values")
+            headers.update({str(k): str(v) for k, v in call_headers.items()})
+        api_key = cls.resolve_api_key(options.get("api_key"))
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        elif cls.needs_auth:
+            where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
+            raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}")
+
+        parsed_proxy = None
+        if proxy:
+            if not isinstance(proxy, str):
+                raise ConfigurationError(f"proxy must be a URL string, got {type(proxy).__name__}")
+            parsed_proxy = Proxy.parse(proxy)
+
+        return ChatRequest(
+            provider=cls.name(),
+            url=url,
+            headers=headers,
+            body=body,
+            proxy=parsed_proxy,
+            timeout=Timeout.coerce(options["timeout"]) if options.get("timeout") is not None else cls.timeout,
+            retry=_retry_policy(cls, options),
+            strict=bool(options.get("strict", False)),
+            max_line_bytes=int(options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES)),
+            secrets=tuple(s for s in (api_key, parsed_proxy.password if parsed_proxy else None) if s),
+            payload=payload,
+        )
+
+    # -- calling -------------------------------------------------------------------------------
+
+    @classmethod
+    def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
+        """Start a streamed answer: an async iterator of text with ``.stats`` and ``.result``."""
+        return ChatStream(cls.build_request(model, messages, proxy, **kwargs))
+
+    @classmethod
+    async def create_async_generator(
+        cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[str]:
+        """Yield the answer's text chunks as they arrive (the seed's interface)."""
+        stream = cls.stream(model, messages, proxy, **kwargs)
+        try:
+            async for text in stream:
+                yield text
+        finally:
+            await stream.aclose()
+
+    @classmethod
+    async def complete(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
+        """The whole answer with its ``finish_reason``, ``usage`` and ``model``."""
+        async with cls.stream(model, messages, proxy, **kwargs) as stream:
+            async for _ in stream:
+                pass
+        assert stream.result is not None
+        return stream.result
+
+    @classmethod
+    async def create_async(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> str:
+        """The whole answer's text."""
+        return (await cls.complete(model, messages, proxy, **kwargs)).text
+
+    @classmethod
+    def create_completion(
+        cls, model: str | None, messages: Any, stream: bool = True, proxy: str | None = None, **kwargs: Any
+    ) -> Iterator[str]:
+        """Synchronous generator of the answer's text chunks (gpt4free's signature)."""
+        kwargs["stream"] = stream
+        cls.build_request(model, messages, proxy, **dict(kwargs))  # fail fast, in the caller's frame
+        return _sync.iterate(lambda: cls.create_async_generator(model, messages, proxy, **kwargs))
+
+    @classmethod
+    def create(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
+        """Synchronous whole answer."""
+        return _sync.run(cls.complete(model, messages, proxy, **kwargs))
+
+
+def _retry_policy(cls: type[Provider], options: Mapping[str, Any]) -> RetryPolicy:
+    policy = options.get("retry_policy")
+    if policy is not None:
+        if not isinstance(policy, RetryPolicy):
+            raise ConfigurationError("retry_policy must be a netfly.RetryPolicy")
+        return policy
+    attempts = options.get("max_retries", cls.max_retries)
+    delay = options.get("retry_delay", cls.retry_delay)
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        raise ConfigurationError(f"max_retries must be a whole number of attempts >= 1, got {attempts!r}")
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+        raise ConfigurationError(f"retry_delay must be a number of seconds >= 0, got {delay!r}")
+    return RetryPolicy(max_attempts=attempts, initial_delay=float(delay))
+
+
+def _serialise(body: dict[str, Any]) -> bytes:
+    try:
+        return _json.dumps(body)
+    except (TypeError, ValueError):
+        pass
+    for key, value in body.items():  # find the field to name in the error
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"request field {key!r} is not JSON-serialisable: {exc}") from None
+    raise ConfigurationError("request body is not JSON-serialisable")

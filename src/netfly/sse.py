@@ -1,0 +1,126 @@
+"""A server-sent events decoder: bytes in, events out, no I/O.
+
+Follows the WHATWG event-stream rules: lines end in CRLF, LF or CR (also when CR and LF arrive in
+different reads); ``field: value`` with or without the space after the colon; several ``data`` lines
+joined with ``\\n``; ``:`` comment lines ignored; ``event``, ``id`` and ``retry`` fields; one leading
+UTF-8 BOM skipped. Lines are split on bytes before decoding, and UTF-8 never uses the bytes of CR or
+LF inside a character, so a character split across reads is never garbled.
+
+Two departures from a browser, both deliberate for API clients: a line longer than
+``max_line_bytes`` raises :class:`StreamDecodeError` instead of growing memory, and an event still
+pending when the stream ends (no final blank line) is delivered by :meth:`SSEDecoder.flush`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import StreamDecodeError
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One dispatched event. ``id`` is the last event id seen so far in the stream (spec rule)."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEDecoder:
+    """Incremental decoder. Call :meth:`feed` with each read, then :meth:`flush` at end of stream."""
+
+    __slots__ = ("max_line_bytes", "_buffer", "_pending_cr", "_bom_checked", "_data", "_event",
+                 "_last_id", "_retry")
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes <= 0:
+            raise ValueError("max_line_bytes must be positive")
+        self.max_line_bytes = max_line_bytes
+        self._buffer = b""
+        self._pending_cr = False  # the previous read ended in CR: a leading LF belongs to it
+        self._bom_checked = False
+        self._data: list[bytes] = []
+        self._event: str | None = None
+        self._last_id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """Decode one read and return the events it completed (often none, sometimes several)."""
+        if not chunk:
+            return []
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[0] == 0x0A:
+                chunk = chunk[1:]
+        buf = self._buffer + chunk if self._buffer else chunk
+        if not self._bom_checked:
+            if len(buf) < 3 and _BOM.startswith(buf):
+                self._buffer = buf  # could still become a BOM
+                return []
+            self._bom_checked = True
+            if buf.startswith(_BOM):
+                buf = buf[3:]
+        if b"\r" in buf:
+            self._pending_cr = buf.endswith(b"\r")
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        self._buffer = lines.pop()
+        if len(buf) > self.max_line_bytes:
+            self._check_lengths(lines)
+        events: list[ServerSentEvent] = []
+        for line in lines:
+            self._process_line(line, events)
+        return events
+
+    def flush(self) -> list[ServerSentEvent]:
+        """End of stream: deliver an unterminated last line and any event still pending."""
+        events: list[ServerSentEvent] = []
+        if self._buffer:
+            line, self._buffer = self._buffer, b""
+            self._process_line(line, events)
+        self._dispatch(events)
+        return events
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self._last_id
+
+    def _check_lengths(self, lines: list[bytes]) -> None:
+        limit = self.max_line_bytes
+        if len(self._buffer) > limit or any(len(line) > limit for line in lines):
+            self._buffer = b""
+            raise StreamDecodeError(f"event-stream line longer than {limit} bytes")
+
+    def _process_line(self, line: bytes, events: list[ServerSentEvent]) -> None:
+        if not line:
+            self._dispatch(events)
+            return
+        if line[0] == 0x3A:  # ":" starts a comment (keep-alives such as ": ping")
+            return
+        field, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value)
+        elif field == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif field == b"id":
+            if b"\0" not in value:
+                self._last_id = value.decode("utf-8", "replace")
+        elif field == b"retry":
+            if value.isdigit():
+                self._retry = int(value)
+        # Any other field name is ignored, as the spec says.
+
+    def _dispatch(self, events: list[ServerSentEvent]) -> None:
+        data, event = self._data, self._event
+        self._data, self._event = [], None
+        if not data:
+            return
+        text = (data[0] if len(data) == 1 else b"\n".join(data)).decode("utf-8", "replace")
+        events.append(ServerSentEvent(text, event or "message", self._last_id, self._retry))

@@ -1,0 +1,125 @@
+"""Shared fixtures: real aiohttp servers on 127.0.0.1 that serve scripted byte streams and faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+import netfly
+from netfly import FreeNetfly
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def chunk(content: str | None = None, *, finish: str | None = None, role: str | None = None,
+          reasoning: str | None = None, usage: dict[str, int] | None = None, model: str = "test-model",
+          choices: bool = True) -> dict[str, Any]:
+    """A realistic chat.completion.chunk object."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    if reasoning is not None:
+        delta["reasoning_content"] = reasoning
+    obj: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
+def sse(*objects: Any, done: bool = True, eol: str = "\n") -> bytes:
+    """Encode chunk objects (or raw strings) as an event stream."""
+    out = []
+    for obj in objects:
+        data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        out.append(f"data: {data}{eol}{eol}")
+    if done:
+        out.append(f"data: [DONE]{eol}{eol}")
+    return "".join(out).encode()
+
+
+def answer(*pieces: str, finish: str = "stop") -> bytes:
+    """The event stream of an answer made of ``pieces``: role chunk, content chunks, finish, [DONE]."""
+    return sse(chunk(role="assistant"), *(chunk(p) for p in pieces), chunk(finish=finish))
+
+
+async def stream_bytes(request: web.Request, *slices: bytes, status: int = 200,
+                       content_type: str = "text/event-stream", delay: float = 0.0) -> web.StreamResponse:
+    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    await response.prepare(request)
+    for piece in slices:
+        await response.write(piece)
+        if delay:
+            await asyncio.sleep(delay)
+    await response.write_eof()
+    return response
+
+
+class ScriptedServer:
+    """A real HTTP server; each POST is answered by the next handler of the script (last one repeats)."""
+
+    def __init__(self, server: TestServer, script: list[Handler]) -> None:
+        self.server = server
+        self.script = script
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.disconnects = 0
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def provider(self, base: type[netfly.Provider] = FreeNetfly, **attributes: Any) -> type[netfly.Provider]:
+        attributes.setdefault("retry_delay", 0.01)
+        return base.configure(url=self.url, **attributes)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.headers.append(dict(request.headers))
+        raw = await request.read()
+        self.requests.append(json.loads(raw) if raw else {})
+        handler = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
+        try:
+            return await handler(request)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
+
+
+@pytest.fixture
+async def scripted(aiohttp_server: Any) -> Callable[..., Awaitable[ScriptedServer]]:
+    async def start(*script: Handler) -> ScriptedServer:
+        app = web.Application()
+        holder: dict[str, ScriptedServer] = {}
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await holder["s"].handle(request)
+
+        app.router.add_route("*", "/{tail:.*}", route)
+        server = await aiohttp_server(app)
+        holder["s"] = ScriptedServer(server, list(script))
+        return holder["s"]
+
+    return start
+
+
+@pytest.fixture(autouse=True)
+async def _close_pool() -> AsyncIterator[None]:
+    yield
+    await netfly.aclose()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
