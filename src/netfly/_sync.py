@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None
         return
     try:
         asyncio.run_coroutine_threadsafe(aclose(), loop).result(timeout=5)
-    except Exception:  # noqa: BLE001 - at interpreter exit there is nobody left to tell
+    except Exception:
         pass
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
@@ -50,21 +50,24 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()
 
 
-def iterate(make_iterator: Any) -> Iterator[Any]:
+def iterate(make_iterator: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
     """Drive the async iterator returned by ``make_iterator()`` from synchronous code.
 
     Closing the sync generator early (``break``) closes the async one, and so its connection.
     """
     loop = _background_loop()
 
-    async def start() -> AsyncIterator[Any]:
-        return make_iterator()  # type: ignore[no-any-return]
+    async def start() -> AsyncIterator[T]:
+        return make_iterator()
+
+    async def step() -> T:
+        return await iterator.__anext__()
 
     iterator = asyncio.run_coroutine_threadsafe(start(), loop).result()
     try:
         while True:
             try:
-                yield asyncio.run_coroutine_threadsafe(iterator.__anext__(), loop).result()
+                yield asyncio.run_coroutine_threadsafe(step(), loop).result()
             except StopAsyncIteration:
                 return
     finally:

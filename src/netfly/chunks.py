@@ -68,14 +68,16 @@ class ChunkInterpreter:
         try:
             chunk = _json.loads(data)
         except _json.JSONDecodeError as exc:
-            return self._malformed(f"invalid JSON in event data: {exc}", data)
+            self._malformed(f"invalid JSON in event data: {exc}", data)
+            return None
         if not isinstance(chunk, dict):
-            return self._malformed("event data is JSON but not an object", data)
+            self._malformed("event data is JSON but not an object", data)
+            return None
         return self.interpret_chunk(chunk)
 
     def interpret_chunk(self, chunk: dict[str, Any]) -> str | None:
         """Apply one parsed ``chat.completion.chunk`` object."""
-        if "error" in chunk and chunk["error"]:
+        if chunk.get("error"):
             raise _upstream_error(chunk)
         if self.model is None:
             self.model = chunk.get("model")
@@ -88,7 +90,8 @@ class ChunkInterpreter:
             return None  # usage-only chunk or a content-filter prelude
         choice = choices[0]
         if not isinstance(choice, dict):
-            return self._malformed("choices[0] is not an object", str(chunk)[:200])
+            self._malformed("choices[0] is not an object", str(chunk)[:200])
+            return None
         finish = choice.get("finish_reason")
         if finish:
             self.finish_reason = finish
@@ -147,7 +150,6 @@ class ChunkInterpreter:
             raise StreamDecodeError(f"{reason} (data: {data[:200]!r})")
         self.malformed_chunks += 1
         logger.warning("skipping malformed stream chunk: %s (data: %r)", reason, data[:200])
-        return None
 
 
 def _parse_lenient(data: str) -> Any:

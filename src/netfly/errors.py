@@ -130,7 +130,7 @@ class StreamDecodeError(StreamError):
 class UpstreamError(NetflyError):
     """The server reported an error inside a successful (2xx) answer."""
 
-    def __init__(self, message: str, *, code: Any = None, type: str | None = None) -> None:  # noqa: A002
+    def __init__(self, message: str, *, code: Any = None, type: str | None = None) -> None:
         self.message = message
         self.code = code
         self.type = type

@@ -27,7 +27,9 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
-            raise ConfigurationError(f"{where} must be a mapping with 'role' and 'content', got {type(message).__name__}")
+            raise ConfigurationError(
+                f"{where} must be a mapping with 'role' and 'content', got {type(message).__name__}"
+            )
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise ConfigurationError(f"{where}['role'] must be a non-empty string, got {role!r}")

@@ -23,7 +23,7 @@ from .messages import validate_messages
 from .retry import RetryPolicy
 from .sse import DEFAULT_MAX_LINE_BYTES
 from .stream import ChatRequest, ChatStream
-from .transport import Proxy, Timeout
+from .transport import Proxy, Timeout, fetch_json
 
 # Per-call keyword arguments that configure the call instead of going into the request body.
 CALL_OPTIONS = frozenset(
@@ -123,6 +123,20 @@ class Provider:
         else:
             headers["user-agent"] = f"netfly/{__version__}"
         return headers
+
+    @classmethod
+    async def list_models(cls, api_key: str | None = None) -> list[str]:
+        """The declared ``models``; when none are declared, the server's ``GET .../models`` list."""
+        if cls.models:
+            return list(cls.models)
+        url = cls.endpoint_url().replace("/chat/completions", "/models")
+        key = cls.resolve_api_key(api_key)
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        body = await fetch_json(url, headers=headers, timeout=cls.timeout, target=cls.name(), secrets=(key or "",))
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            return [cls.default_model] if cls.default_model else []
+        return [str(item.get("id")) for item in data if isinstance(item, dict) and item.get("id")]
 
     # -- building a request --------------------------------------------------------------------
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import NetflyTimeoutError, ResponseStatusError, TransportError
 

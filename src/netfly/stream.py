@@ -306,7 +306,7 @@ async def _drain(content: aiohttp.StreamReader) -> None:
     """Read what follows ``[DONE]`` (normally just the end of the body), briefly."""
     try:
         await asyncio.wait_for(_read_to_eof(content), _DRAIN_AFTER_DONE)
-    except (asyncio.TimeoutError, *_CLIENT_FAILURES):
+    except _CLIENT_FAILURES:  # asyncio.TimeoutError included
         pass  # the answer is complete; the connection is simply not reused
 
 

@@ -12,12 +12,23 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from .errors import ConfigurationError, NetflyTimeoutError, ProxyError, TransportError
-from .redact import redact_url
+from . import _json
+from .chunks import error_message_from_body
+from .errors import (
+    ConfigurationError,
+    NetflyTimeoutError,
+    ProxyError,
+    StreamDecodeError,
+    TransportError,
+    error_for_status,
+)
+from .redact import redact_url, scrub
+from .retry import parse_retry_after
 
 try:
     import aiohttp_socks
@@ -239,3 +250,28 @@ def translate_client_error(
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def fetch_json(
+    url: str, *, headers: dict[str, str], timeout: Timeout, target: str, secrets: tuple[str, ...] = ()
+) -> Any:
+    """GET a small JSON document through the pooled session, with netfly's errors."""
+    session = await default_pool.session()
+    try:
+        async with session.get(url, headers=headers, timeout=client_timeout(timeout, timeout.total)) as response:
+            raw = await response.read()
+            if response.status >= 300:
+                try:
+                    body: Any = _json.loads(raw)
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                message = scrub(error_message_from_body(body, response.reason or ""), secrets)
+                raise error_for_status(
+                    response.status, message, provider=target, retry_after=parse_retry_after(response.headers)
+                )
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise translate_client_error(exc, target=target, proxy=None, timeout=timeout) from None
+    try:
+        return _json.loads(raw)
+    except ValueError:
+        raise StreamDecodeError(f"{target}: invalid JSON from {url}") from None

