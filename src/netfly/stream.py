@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -113,7 +114,7 @@ class ChatStream:
         return await self._iterator.__anext__()
 
     async def aclose(self) -> None:
-        await self._iterator.aclose()  # type: ignore[attr-defined]
+        await self._iterator.aclose()
 
     async def __aenter__(self) -> ChatStream:
         return self
@@ -128,7 +129,7 @@ class ChatStream:
         """The text received so far."""
         return "".join(self._parts)
 
-    async def _run(self) -> AsyncIterator[str]:
+    async def _run(self) -> AsyncGenerator[str, None]:
         request, stats = self.request, self.stats
         started = time.monotonic()
         deadline = started + request.timeout.total if request.timeout.total else None
@@ -141,13 +142,16 @@ class ChatStream:
                 attempt_started = time.monotonic()
                 interpreter = ChunkInterpreter(strict=request.strict)
                 try:
-                    async for text in self._attempt(interpreter, deadline):
-                        if stats.time_to_first_token is None:
-                            stats.time_to_first_token = time.monotonic() - started
-                        stats.chunks += 1
-                        stats.characters += len(text)
-                        self._parts.append(text)
-                        yield text
+                    # aclosing: leaving early closes the attempt (and its connection) right here,
+                    # not whenever the garbage collector gets to it.
+                    async with aclosing(self._attempt(interpreter, deadline)) as texts:
+                        async for text in texts:
+                            if stats.time_to_first_token is None:
+                                stats.time_to_first_token = time.monotonic() - started
+                            stats.chunks += 1
+                            stats.characters += len(text)
+                            self._parts.append(text)
+                            yield text
                 except NetflyError as exc:
                     error: NetflyError = exc
                 else:
@@ -178,7 +182,7 @@ class ChatStream:
         finally:
             stats.duration = time.monotonic() - started
 
-    async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncIterator[str]:
+    async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncGenerator[str, None]:
         request = self.request
         remaining = None
         if deadline is not None:
