@@ -114,7 +114,7 @@ async def scripted(aiohttp_server: Any) -> Callable[..., Awaitable[ScriptedServe
 @pytest.fixture(autouse=True)
 async def _close_pool() -> AsyncIterator[None]:
     yield
-    await netfly.aclose()
+    await netfly.transport.aclose()  # connections only: the local model server is shared by the session
 
 
 @pytest.fixture

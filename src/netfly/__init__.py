@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from . import transport as _transport
 from .__about__ import __version__
 from .chunks import ChatResult, ChunkInterpreter
 from .errors import (
     AllProvidersFailedError,
     AuthenticationError,
     BadRequestError,
+    CircuitOpenError,
     ConfigurationError,
     ModelNotSupportedError,
     NetflyError,
@@ -29,21 +32,64 @@ from .errors import (
     TransportError,
     UpstreamError,
 )
+from .health import HealthResult
 from .provider import Provider
-from .providers import FreeNetfly, Ollama, OpenAI, OpenAICompatible, get_provider, provider_names, register
+from .providers import FreeNetfly, Local, Ollama, OpenAI, OpenAICompatible, get_provider, provider_names, register
+from .providers.llama_server import stop_all as _stop_local_servers
 from .retry import RetryPolicy
+from .routing import RetryProvider, RoutedProvider
 from .sse import ServerSentEvent, SSEDecoder
 from .stream import ChatRequest, ChatStream, StreamStats
-from .transport import Proxy, Timeout, aclose
+from .transport import Proxy, Timeout
 
 logging.getLogger("netfly").addHandler(logging.NullHandler())
 
+
+async def aclose() -> None:
+    """Close netfly's pooled connections on the running loop and stop local model servers it started."""
+    await _transport.aclose()
+    await asyncio.get_running_loop().run_in_executor(None, _stop_local_servers)
+
 __all__ = [
-    "AllProvidersFailedError", "AuthenticationError", "BadRequestError", "ChatRequest", "ChatResult",
-    "ChatStream", "ChunkInterpreter", "ConfigurationError", "FreeNetfly", "ModelNotSupportedError",
-    "NetflyError", "NetflyTimeoutError", "Ollama", "OpenAI", "OpenAICompatible", "Provider", "Proxy",
-    "ProxyError", "RateLimitError", "ResponseStatusError", "RetryPolicy", "SSEDecoder", "ServerError",
-    "ServerSentEvent", "StreamDecodeError", "StreamError", "StreamInterruptedError", "StreamStats",
-    "Timeout", "TransportError", "UpstreamError", "__version__", "aclose", "get_provider",
-    "provider_names", "register",
+    "aclose",
+    "AllProvidersFailedError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatRequest",
+    "ChatResult",
+    "ChatStream",
+    "ChunkInterpreter",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "FreeNetfly",
+    "get_provider",
+    "HealthResult",
+    "Local",
+    "ModelNotSupportedError",
+    "NetflyError",
+    "NetflyTimeoutError",
+    "Ollama",
+    "OpenAI",
+    "OpenAICompatible",
+    "Provider",
+    "provider_names",
+    "Proxy",
+    "ProxyError",
+    "RateLimitError",
+    "register",
+    "ResponseStatusError",
+    "RetryPolicy",
+    "RetryProvider",
+    "RoutedProvider",
+    "ServerError",
+    "ServerSentEvent",
+    "SSEDecoder",
+    "StreamDecodeError",
+    "StreamError",
+    "StreamInterruptedError",
+    "StreamStats",
+    "Timeout",
+    "TransportError",
+    "UpstreamError",
+    "__version__",
 ]

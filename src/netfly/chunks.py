@@ -88,9 +88,9 @@ class ChunkInterpreter:
         choices = chunk.get("choices")
         if not choices:
             return None  # usage-only chunk or a content-filter prelude
-        choice = choices[0]
+        choice = choices[0] if isinstance(choices, list) else None
         if not isinstance(choice, dict):
-            self._malformed("choices[0] is not an object", str(chunk)[:200])
+            self._malformed("choices is not a list of objects", str(chunk)[:200])
             return None
         finish = choice.get("finish_reason")
         if finish:
@@ -98,13 +98,17 @@ class ChunkInterpreter:
         delta = choice.get("delta")
         if not delta:
             return None
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if not isinstance(delta, dict) or not isinstance(content, (str, type(None))):
+            # Counted and skipped like bad JSON: a non-string would break the caller's text.
+            self._malformed("delta is not an object with string content", str(chunk)[:200])
+            return None
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning:
+        if isinstance(reasoning, str) and reasoning:
             self.reasoning_parts.append(reasoning)
         tool_calls = delta.get("tool_calls")
         if tool_calls:
             self.tool_calls.extend(tool_calls)
-        content = delta.get("content")
         return content if content else None
 
     def interpret_completion(self, body: Any) -> str | None:
@@ -120,9 +124,11 @@ class ChunkInterpreter:
         choices = body.get("choices") or []
         if not choices:
             return None
-        choice = choices[0]
+        choice = choices[0] if isinstance(choices, list) else None
+        message = (choice.get("message") or {}) if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or not isinstance(message, dict):
+            raise StreamDecodeError(f"JSON reply is not a chat.completion: {str(body)[:200]!r}")
         self.finish_reason = choice.get("finish_reason")
-        message = choice.get("message") or {}
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if reasoning:
             self.reasoning_parts.append(reasoning)
@@ -131,6 +137,8 @@ class ChunkInterpreter:
         content = message.get("content")
         if content is None:
             content = choice.get("text")  # legacy completions shape
+        if not isinstance(content, (str, type(None))):
+            raise StreamDecodeError(f"JSON reply's content is not a string: {str(body)[:200]!r}")
         return content or None
 
     def result(self, text: str) -> ChatResult:

@@ -118,6 +118,10 @@ async def _chat(args: argparse.Namespace) -> int:
         params["timeout"] = args.timeout
     if args.retries is not None:
         params["max_retries"] = args.retries
+    is_running: Callable[[], bool] | None = getattr(provider, "is_running", None)
+    if is_running is not None and not is_running():
+        sys.stderr.write("netfly: starting local model…\n")
+        sys.stderr.flush()
     stream = provider.stream(args.model, messages, args.proxy, **params)
     wrote = False
     try:

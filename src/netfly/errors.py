@@ -17,6 +17,7 @@ Every error netfly raises is a :class:`NetflyError`::
     │   ├── StreamInterruptedError    cut after text was delivered (``.partial_text``)
     │   └── StreamDecodeError         bytes that are not a valid event stream
     ├── UpstreamError                 the server reported an error inside the answer
+    ├── CircuitOpenError              a routed provider skipped while it cools down after failures
     └── AllProvidersFailedError       a routed request failed on every provider (``.errors``)
 
 Messages never contain API keys or proxy passwords: they are built by netfly from redacted parts.
@@ -53,7 +54,14 @@ class TransportError(NetflyError):
 
 
 class ProxyError(TransportError):
-    """The proxy could not be reached or refused the tunnel."""
+    """The proxy could not be reached or refused the tunnel.
+
+    ``retryable`` is ``False`` when the proxy rejected the credentials: asking again cannot help.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)
 
 
 class NetflyTimeoutError(TransportError, TimeoutError):
@@ -135,6 +143,23 @@ class UpstreamError(NetflyError):
         self.code = code
         self.type = type
         super().__init__(message)
+
+
+class CircuitOpenError(NetflyError):
+    """A router skipped this provider: it failed too often and its cool-down has not ended.
+
+    ``retry_in`` is the number of seconds until it is tried again; ``last_error`` describes the
+    failure that opened the circuit.
+    """
+
+    def __init__(self, provider: str, retry_in: float, failures: int, last_error: str | None = None) -> None:
+        self.provider = provider
+        self.retry_in = retry_in
+        self.failures = failures
+        self.last_error = last_error
+        last = f"; last error: {last_error}" if last_error else ""
+        wait = f"cooling down for {retry_in:.1f} s more" if retry_in > 0 else "a trial request is testing it"
+        super().__init__(f"{provider}: skipped, {wait} after {failures} failure(s){last}")
 
 
 class AllProvidersFailedError(NetflyError):

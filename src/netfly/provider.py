@@ -19,6 +19,7 @@ from . import _json, _sync
 from .__about__ import __version__
 from .chunks import ChatResult
 from .errors import ConfigurationError, ModelNotSupportedError
+from .health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_provider
 from .messages import validate_messages
 from .retry import RetryPolicy
 from .sse import DEFAULT_MAX_LINE_BYTES
@@ -156,15 +157,15 @@ class Provider:
         payload = _serialise(body)
 
         headers = cls.default_headers()
-        headers.update(cls.headers)
+        _override_headers(headers, cls.headers)
         call_headers = options.get("headers")
         if call_headers is not None:
             if not isinstance(call_headers, Mapping):
                 raise ConfigurationError("headers must be a mapping of header names to values")
-            headers.update({str(k): str(v) for k, v in call_headers.items()})
+            _override_headers(headers, {str(k): str(v) for k, v in call_headers.items()})
         api_key = cls.resolve_api_key(options.get("api_key"))
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+            _override_headers(headers, {"authorization": f"Bearer {api_key}"})
         elif cls.needs_auth:
             where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
             raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}")
@@ -235,6 +236,26 @@ class Provider:
     def create(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
         """Synchronous whole answer."""
         return _sync.run(cls.complete(model, messages, proxy, **kwargs))
+
+    @classmethod
+    async def check(
+        cls, model: str | None = None, *, timeout: float = DEFAULT_CHECK_TIMEOUT, proxy: str | None = None,
+        **kwargs: Any,
+    ) -> HealthResult:
+        """Measure whether the provider answers now: a one-token request, one attempt, a short limit.
+
+        ``working`` stays the declared state; this is the measured one. Never raises for a failed
+        check: the result has ``ok=False`` and the error.
+        """
+        return await check_provider(cls, model, timeout=timeout, proxy=proxy, **kwargs)
+
+
+def _override_headers(headers: dict[str, str], overrides: Mapping[str, str]) -> None:
+    """Set ``overrides`` in ``headers``; names are case-insensitive, so one replaces, never duplicates."""
+    for name, value in overrides.items():
+        for existing in [k for k in headers if k.lower() == name.lower()]:
+            del headers[existing]
+        headers[name] = value
 
 
 def _retry_policy(cls: type[Provider], options: Mapping[str, Any]) -> RetryPolicy:

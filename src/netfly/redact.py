@@ -17,6 +17,8 @@ def redact_url(url: str) -> str:
     if parts.password is None and parts.username is None:
         return url
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal keeps its brackets
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     user = parts.username or ""

@@ -7,12 +7,13 @@ never duplicate output.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import NetflyTimeoutError, ResponseStatusError, TransportError
+from .errors import NetflyTimeoutError, ProxyError, ResponseStatusError, TransportError
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -61,6 +62,8 @@ def is_retryable(error: BaseException) -> bool:
     """Connection failures, timeouts and the statuses 408, 409, 429, 500, 502, 503, 504."""
     if isinstance(error, ResponseStatusError):
         return error.status in RETRYABLE_STATUSES
+    if isinstance(error, ProxyError):
+        return error.retryable
     return isinstance(error, (TransportError, NetflyTimeoutError))
 
 
@@ -69,14 +72,14 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     value = headers.get("retry-after-ms")
     if value:
         try:
-            return max(0.0, float(value) / 1000)
+            return max(0.0, _finite(value) / 1000)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return max(0.0, _finite(value))
     except ValueError:
         pass
     try:
@@ -86,3 +89,11 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _finite(text: str) -> float:
+    # float() also accepts "nan" and "inf": garbage for a delay, so treated like any other garbage.
+    seconds = float(text)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a finite number of seconds: {text!r}")
+    return seconds

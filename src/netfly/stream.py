@@ -5,6 +5,8 @@ transport → SSE decoder → chunk interpreter → caller.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -20,8 +22,10 @@ from .chunks import ChatResult, ChunkInterpreter, error_message_from_body
 from .errors import (
     NetflyError,
     NetflyTimeoutError,
+    ProxyError,
     StreamDecodeError,
     StreamInterruptedError,
+    TransportError,
     UpstreamError,
     error_for_status,
 )
@@ -36,12 +40,14 @@ _CLIENT_FAILURES: tuple[type[BaseException], ...] = (aiohttp.ClientError, asynci
 try:
     import aiohttp_socks
 
-    _CLIENT_FAILURES += (aiohttp_socks.ProxyError,)
+    # Not subclasses of each other, nor of OSError / TimeoutError: each is named.
+    _CLIENT_FAILURES += (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)
 except ImportError:  # pragma: no cover
     pass
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
+_READ_SIZE = 16 * 1024
 _DRAIN_AFTER_DONE = 1.0  # seconds to wait for end-of-body after [DONE] so the connection is reused
 
 
@@ -153,7 +159,7 @@ class ChatStream:
                             self._parts.append(text)
                             yield text
                 except NetflyError as exc:
-                    error: NetflyError = exc
+                    error: NetflyError = _scrub_error(exc, request.secrets)
                 else:
                     record.duration = time.monotonic() - attempt_started
                     self.result = interpreter.result(self.text)
@@ -164,7 +170,10 @@ class ChatStream:
                 record.error = f"{type(error).__name__}: {error}"
                 record.status = getattr(error, "status", None)
                 if self._parts:
-                    # Text already reached the caller: a retry would repeat it.
+                    # Text already reached the caller: a retry would repeat it. Only a cut stream is
+                    # an interruption; an in-stream error or a decode error keeps its own type.
+                    if not isinstance(error, TransportError):
+                        raise error
                     raise StreamInterruptedError(
                         f"{request.provider}: stream interrupted after {len(self.text)} characters: {error}",
                         self.text,
@@ -193,18 +202,15 @@ class ChatStream:
                 )
         proxy = request.proxy
         http_proxy = proxy if proxy is not None and not proxy.is_socks else None
+        headers, proxy_headers = _with_proxy_authorization(request, http_proxy)
         try:
             session = await self._pool.session(proxy)
             response = await session.post(
                 request.url,
-                data=request.payload or _json.dumps(request.body),
-                headers=request.headers,
+                data=_request_body(request),
+                headers=headers,
                 proxy=http_proxy.url_without_credentials if http_proxy else None,
-                proxy_auth=(
-                    aiohttp.BasicAuth(http_proxy.username, http_proxy.password or "")
-                    if http_proxy is not None and http_proxy.username is not None
-                    else None
-                ),
+                proxy_headers=proxy_headers,
                 timeout=client_timeout(request.timeout, remaining),
             )
         except _CLIENT_FAILURES as exc:
@@ -234,7 +240,9 @@ class ChatStream:
                 decoder = SSEDecoder(request.max_line_bytes)
                 content = response.content
                 interpret = interpreter.interpret
-                async for raw in content.iter_any():
+                # Reads of at most 16 KiB: a burst (a fast server, a proxy flushing its buffer) is
+                # decoded a slice at a time, so its first text is not held back behind the whole burst.
+                async for raw in content.iter_chunked(_READ_SIZE):
                     for event in decoder.feed(raw):
                         text = interpret(event)
                         if text is not None:
@@ -274,15 +282,23 @@ class ChatStream:
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> NetflyError:
         request = self.request
+        if response.status == 407 and request.proxy is not None and not request.proxy.is_socks:
+            # A plain-http target through an HTTP proxy: the proxy's refusal arrives as the response.
+            return ProxyError(
+                f"proxy {request.proxy} refused the credentials for {request.provider}: HTTP 407 {response.reason}",
+                retryable=False,
+            )
         try:
             raw = await _read_limited(response, _ERROR_BODY_LIMIT)
         except _CLIENT_FAILURES:
             raw = b""
-        text = raw.decode("utf-8", "replace")
+        # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub before parsing
+        # so neither the message nor ``error.body`` keeps it.
+        text = scrub(raw.decode("utf-8", "replace"), request.secrets)
         body: Any = text
         if text.strip():
             try:
-                body = _json.loads(raw)
+                body = _json.loads(text)
             except _json.JSONDecodeError:
                 pass
         message = scrub(error_message_from_body(body, response.reason or ""), request.secrets)
@@ -293,6 +309,40 @@ class ChatStream:
             retry_after=parse_retry_after(response.headers),
             body=body if isinstance(body, dict) else None,
         )
+
+
+def _scrub_error(error: NetflyError, secrets: tuple[str, ...]) -> NetflyError:
+    """Remove secrets a server echoed back (in an error body or an in-stream error) from ``error``."""
+    if secrets:
+        error.args = tuple(scrub(a, secrets) if isinstance(a, str) else a for a in error.args)
+        message = getattr(error, "message", None)
+        if isinstance(message, str):
+            error.message = scrub(message, secrets)  # type: ignore[attr-defined]
+    return error
+
+
+def _with_proxy_authorization(
+    request: ChatRequest, proxy: Proxy | None
+) -> tuple[dict[str, str], dict[str, str] | None]:
+    """(request headers, CONNECT headers) carrying Basic ``Proxy-Authorization`` for an HTTP(S) proxy.
+
+    aiohttp deprecates ``proxy_auth`` and sends ``proxy_headers`` only on a CONNECT (https targets);
+    a plain-http target is asked for through the proxy directly, so the header goes on the request.
+    It must never go on a request inside a tunnel: the target server would see the password.
+    """
+    if proxy is None or proxy.username is None:
+        return request.headers, None
+    token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode("ascii")
+    authorization = {"Proxy-Authorization": f"Basic {token}"}
+    if request.url.lower().startswith("https:"):
+        return request.headers, authorization
+    return {**request.headers, **authorization}, None
+
+
+def _request_body(request: ChatRequest) -> bytes | io.BytesIO:
+    # aiohttp warns (ResourceWarning) about raw bytes over 1 MiB; a BytesIO is sent in parts instead.
+    payload = request.payload or _json.dumps(request.body)
+    return io.BytesIO(payload) if len(payload) > 512 * 1024 else payload
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -111,11 +111,16 @@ class Proxy:
 
     @property
     def url_without_credentials(self) -> str:
-        return urlunsplit((self.scheme, f"{self.host}:{self.port}", "", "", ""))
+        return urlunsplit((self.scheme, self._netloc, "", "", ""))
+
+    @property
+    def _netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"{host}:{self.port}"
 
     def __str__(self) -> str:
         user = f"{self.username}:***@" if self.username is not None else ""
-        return f"{self.scheme}://{user}{self.host}:{self.port}"
+        return f"{self.scheme}://{user}{self._netloc}"
 
     def __repr__(self) -> str:
         return f"Proxy({str(self)!r})"
@@ -228,16 +233,27 @@ def translate_client_error(
         return NetflyTimeoutError(f"connect to {target}{via} timed out after {timeout.connect} s", "connect")
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return NetflyTimeoutError(f"no data from {target} for {timeout.idle} s (idle timeout)", "idle")
+    # aiohttp-socks' own ProxyTimeoutError / ProxyConnectionError are plain Exceptions (neither a
+    # TimeoutError nor an OSError), so they are matched by type here.
+    if aiohttp_socks is not None and isinstance(exc, aiohttp_socks.ProxyTimeoutError):
+        return NetflyTimeoutError(f"proxy {proxy} timed out", "connect")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        if aiohttp_socks is not None and isinstance(exc, aiohttp_socks.ProxyTimeoutError):
-            return NetflyTimeoutError(f"proxy {proxy} timed out", "connect")
         return NetflyTimeoutError(f"request to {target} exceeded the total timeout of {timeout.total} s", "total")
+    if aiohttp_socks is not None and isinstance(exc, aiohttp_socks.ProxyConnectionError):
+        return ProxyError(f"cannot connect to proxy {proxy}: {_describe(exc)}")
     if aiohttp_socks is not None and isinstance(exc, aiohttp_socks.ProxyError):
-        return ProxyError(f"proxy {proxy} failed for {target}: {_describe(exc)}")
+        # A refused login or auth method will be refused again; a refused target may come back.
+        return ProxyError(
+            f"proxy {proxy} failed for {target}: {_describe(exc)}",
+            retryable="authentication" not in str(exc).lower(),
+        )
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return ProxyError(f"cannot connect to proxy {proxy}: {_describe(exc.os_error)}")
     if isinstance(exc, aiohttp.ClientHttpProxyError):
-        return ProxyError(f"proxy {proxy} refused the tunnel to {target}: HTTP {exc.status} {exc.message}")
+        return ProxyError(
+            f"proxy {proxy} refused the tunnel to {target}: HTTP {exc.status} {exc.message}",
+            retryable=exc.status != 407,
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return TransportError(f"cannot connect to {target}{via}: {_describe(exc.os_error)}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import ConfigurationError
 from ..provider import Provider
 from .freenetfly import FreeNetfly
+from .local import Local
 from .openai_compatible import Ollama, OpenAI, OpenAICompatible
 
-__all__ = ["FreeNetfly", "Ollama", "OpenAI", "OpenAICompatible", "get_provider", "provider_names", "register"]
+__all__ = ["FreeNetfly", "Local", "Ollama", "OpenAI", "OpenAICompatible", "get_provider", "provider_names", "register"]
 
 _registry: dict[str, type[Provider]] = {}
 
@@ -30,5 +31,5 @@ def get_provider(name: str) -> type[Provider]:
     return provider
 
 
-for _provider in (FreeNetfly, OpenAICompatible, OpenAI, Ollama):
+for _provider in (FreeNetfly, OpenAICompatible, OpenAI, Ollama, Local):
     register(_provider)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ..provider import Provider
 
 
@@ -16,7 +18,7 @@ class OpenAICompatible(Provider):
     api_endpoint = "/v1/chat/completions"
     working = True
     default_model = "default"  # llama.cpp, vLLM with one model and LM Studio ignore or accept it
-    api_key_env = "NETFLY_API_KEY"
+    api_key_env: ClassVar[str | None] = "NETFLY_API_KEY"  # typed so a subclass can turn it off
     max_retries = 3
     retry_delay = 1.0
 

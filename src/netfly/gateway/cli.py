@@ -1,0 +1,100 @@
+"""``netfly serve``: the gateway's subcommand, registered into the ``netfly`` command by ``register_cli``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..provider import Provider
+from ..providers import OpenAICompatible, get_provider, provider_names
+from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .server import serve
+
+TOKEN_ENV = "NETFLY_AUTH_TOKEN"
+PROVIDER_ENV = "NETFLY_PROVIDER"
+
+logger = logging.getLogger("netfly.gateway")
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``serve`` to the ``netfly`` command's subparsers."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="run an OpenAI-compatible HTTP API over the providers",
+        description="Serve POST /v1/chat/completions, GET /v1/models and GET /health. "
+                    "The model field picks the provider: 'provider/model', or a bare model for the default one.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--provider", "-p", metavar="NAME",
+                        help=f"default provider ({', '.join(provider_names())}; default: ${PROVIDER_ENV})")
+    choice.add_argument("--url", metavar="URL",
+                        help="default provider: any OpenAI-compatible server at URL (API key from $NETFLY_API_KEY)")
+    parser.add_argument("--auth-token", metavar="TOKEN", default=None,
+                        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; prefer the variable)")
+    parser.add_argument("--retries", type=int, default=None, metavar="N",
+                        help="upstream attempts in all (default: each provider's own)")
+    parser.add_argument("--retry-delay", type=float, default=None, metavar="SECONDS",
+                        help="first delay between upstream attempts (default: each provider's own)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="total time limit of one upstream call, retries included")
+    parser.add_argument("--proxy", default=None, help="proxy for upstream calls (http://, socks5://, ...)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                        help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
+    parser.set_defaults(func=run_serve)
+
+
+def default_provider(args: argparse.Namespace) -> type[Provider]:
+    if args.url:
+        return OpenAICompatible.configure(url=args.url)
+    name = args.provider or os.environ.get(PROVIDER_ENV)
+    if not name:
+        raise ConfigurationError(
+            f"choose the default provider: --provider NAME ({', '.join(provider_names())}), --url URL, "
+            f"or set ${PROVIDER_ENV}"
+        )
+    return get_provider(name)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
+    provider = default_provider(args)
+    if args.url:
+        provider.endpoint_url()  # a malformed URL fails now, not on the first request
+    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    app = create_app(
+        provider,
+        auth_token=token,
+        max_body_bytes=args.max_body_bytes,
+        max_retries=args.retries,
+        retry_delay=args.retry_delay,
+        timeout=args.timeout,
+        proxy=args.proxy,
+    )
+    gateway_logger = logging.getLogger("netfly.gateway")
+    if gateway_logger.getEffectiveLevel() > logging.INFO:
+        gateway_logger.setLevel(logging.INFO)  # the per-request lines are the point of a server's log
+    if token is None and not _is_loopback(args.host):
+        logger.warning("serving on %s without --auth-token: anyone who can reach it can use the providers",
+                       args.host)
+    try:
+        asyncio.run(serve(app, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # cannot bind: port in use, address not available, permission
+        raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

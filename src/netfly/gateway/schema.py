@@ -1,0 +1,118 @@
+"""Reading a ``POST /v1/chat/completions`` body: every error names the field at fault.
+
+Only the fields the gateway acts on are checked in depth; the rest (temperature, max_tokens, stop,
+seed, tools, response_format, ...) pass through to the provider after a type check where OpenAI's
+type is known. Message contents are checked by the provider itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _json
+from ..provider import CALL_OPTIONS
+from .errors import GatewayError
+
+# Keyword arguments of Provider.stream that configure the call: a client must not set them
+# (``proxy`` or ``headers`` from a request body would steer the gateway's own upstream call).
+FORBIDDEN_FIELDS = frozenset(CALL_OPTIONS | {"proxy"})
+
+_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_INTEGERS = ("max_tokens", "max_completion_tokens", "seed", "top_logprobs", "n")
+_BOOLEANS = ("stream", "logprobs", "parallel_tool_calls", "store")
+_STRINGS = ("model", "user", "reasoning_effort", "service_tier")
+_OBJECTS = ("stream_options", "response_format", "logit_bias", "metadata")
+_ARRAYS = ("tools", "functions", "modalities")
+_HANDLED = frozenset({"model", "messages", "stream", "stream_options", "n"})
+
+
+@dataclass
+class ChatCompletionRequest:
+    model: str | None
+    messages: list[Any]
+    stream: bool = False
+    include_usage: bool = False
+    params: dict[str, Any] = field(default_factory=dict)  # passed to the provider as-is
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    try:
+        body = _json.loads(raw)
+    except _json.JSONDecodeError as exc:
+        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, f"request body must be a JSON object, got {json_type(body)}")
+    forbidden = sorted(FORBIDDEN_FIELDS & body.keys())
+    if forbidden:
+        raise GatewayError(
+            400, f"field {forbidden[0]!r} is not accepted: it is a gateway setting, not a request field",
+            param=forbidden[0],
+        )
+    _check_types(body)
+
+    if "messages" not in body or body["messages"] is None:
+        raise GatewayError(400, "field 'messages' is required", param="messages")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise GatewayError(400, f"field 'messages' must be an array, got {json_type(messages)}", param="messages")
+    if not messages:
+        raise GatewayError(400, "field 'messages' must not be empty", param="messages")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise GatewayError(400, f"field 'n' must be 1 (one choice per request), got {n}", param="n")
+
+    options = body.get("stream_options") or {}
+    include_usage = options.get("include_usage", False)
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise GatewayError(400, f"field 'stream_options.include_usage' must be a boolean, got "
+                                f"{json_type(include_usage)}", param="stream_options.include_usage")
+    return ChatCompletionRequest(
+        model=body.get("model") or None,
+        messages=messages,
+        stream=bool(body.get("stream")),
+        include_usage=bool(include_usage),
+        params={k: v for k, v in body.items() if k not in _HANDLED and v is not None},
+    )
+
+
+def _check_types(body: Mapping[str, Any]) -> None:
+    for name in _NUMBERS:
+        _expect(body, name, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    for name in _INTEGERS:
+        _expect(body, name, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+    for name in _BOOLEANS:
+        _expect(body, name, "a boolean", lambda v: isinstance(v, bool))
+    for name in _STRINGS:
+        _expect(body, name, "a string", lambda v: isinstance(v, str))
+    for name in _OBJECTS:
+        _expect(body, name, "an object", lambda v: isinstance(v, dict))
+    for name in _ARRAYS:
+        _expect(body, name, "an array", lambda v: isinstance(v, list))
+    _expect(body, "stop", "a string or an array of strings",
+            lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)))
+    _expect(body, "tool_choice", "a string or an object", lambda v: isinstance(v, (str, dict)))
+
+
+def _expect(body: Mapping[str, Any], name: str, what: str, ok: Callable[[Any], bool]) -> None:
+    value = body.get(name)
+    if value is not None and not ok(value):
+        raise GatewayError(400, f"field {name!r} must be {what}, got {json_type(value)}", param=name)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

