@@ -48,7 +48,9 @@ except ImportError:  # pragma: no cover
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
 _READ_SIZE = 16 * 1024
-_DRAIN_AFTER_DONE = 1.0  # seconds to wait for end-of-body after [DONE] so the connection is reused
+# After [DONE], how long to wait for the end of the body so the connection can be reused; a server
+# that keeps the body open longer only costs the caller this much.
+_DRAIN_AFTER_DONE = 0.25
 
 
 @dataclass
@@ -146,6 +148,7 @@ class ChatStream:
                 record = AttemptRecord(attempt)
                 stats.attempts.append(record)
                 attempt_started = time.monotonic()
+                logger.debug("%s: attempt %d: %r", request.provider, attempt, request)
                 interpreter = ChunkInterpreter(strict=request.strict)
                 try:
                     # aclosing: leaving early closes the attempt (and its connection) right here,
@@ -368,6 +371,3 @@ async def _read_to_eof(content: aiohttp.StreamReader) -> None:
     while await content.readany():
         pass
 
-
-def log_request(request: ChatRequest) -> None:
-    logger.debug("%r", request)
