@@ -109,3 +109,18 @@ def test_exit_code_table_is_ordered_most_specific_first() -> None:
     assert cli.exit_code_for(errors.ProxyError("p")) == 6
     assert cli.exit_code_for(errors.ModelNotSupportedError("P", "m", ["a"])) == 2
     assert cli.exit_code_for(errors.StreamInterruptedError("s", "partial")) == 8
+
+
+async def test_stats_are_printed_to_stderr(scripted: Any) -> None:
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "busy"}}, status=503)
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return await stream_bytes(request, answer("one ", "two ", "three"))
+
+    server = await scripted(unavailable, reply)
+    code, out, err = await run_cli("chat", "--url", server.url, "--stats", "hi")
+    assert (code, out) == (0, "one two three\n")
+    assert "chunks: 3  characters: 13" in err
+    assert "attempt 1: " in err and "HTTP 503: busy" in err
+    assert "attempt 2: " in err and ": ok (" in err

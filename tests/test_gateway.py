@@ -704,6 +704,8 @@ async def test_one_log_line_per_request_without_secrets(
     assert lines[2].startswith("POST /v1/chat/completions 401 ")
     assert lines[3].startswith("GET /health 200 ")
     assert all(line.split()[3].endswith("ms") for line in lines)
+    # The stream's stats are in the chat line: the upstream that served, its attempts and chunks.
+    assert "provider=" in lines[0] and "attempts=1 failed=0" in lines[0] and "chunks=1 chars=6" in lines[0]
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert TOKEN not in text and UPSTREAM_KEY not in text
 

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from . import errors
 from .__about__ import __version__
+from .health import format_stats
 from .provider import Provider
 from .providers import OpenAICompatible, get_provider, provider_names
 
@@ -135,21 +136,10 @@ async def _chat(args: argparse.Namespace) -> int:
             out.write("\n")
             out.flush()
         if args.stats:
-            sys.stderr.write(_format_stats(stream) + "\n")
+            sys.stderr.write(format_stats(stream.stats) + "\n")
     return 0
 
 
-def _format_stats(stream: Any) -> str:
-    try:
-        format_stats = importlib.import_module("netfly.routing").format_stats
-    except (ImportError, AttributeError):
-        format_stats = None
-    if format_stats is not None:
-        return str(format_stats(stream.stats))
-    stats = stream.stats
-    ttft = f"{stats.time_to_first_token:.3f} s" if stats.time_to_first_token is not None else "-"
-    return (f"netfly: provider={stats.provider} model={stats.model} attempts={len(stats.attempts)} "
-            f"ttft={ttft} chunks={stats.chunks} chars={stats.characters}")
 
 
 async def _models(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from aiohttp import web
 from .. import _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
+from ..health import summarize_stats
 from ..provider import Provider
 from ..providers import get_provider
 from ..stream import ChatStream
@@ -147,13 +148,16 @@ class Gateway:
             params["stream_options"] = {"include_usage": True}
         stream = route.provider.stream(route.model, chat.messages, **params, **self.call_options)
         formatter = CompletionFormatter(route.public_id, include_usage=chat.include_usage)
-        async with stream:
-            if chat.stream:
-                return await self._relay(request, stream, formatter, chat)
-            async for _ in stream:
-                pass
-            assert stream.result is not None
-            return web.json_response(formatter.completion(stream.result), dumps=_dumps)
+        try:
+            async with stream:
+                if chat.stream:
+                    return await self._relay(request, stream, formatter, chat)
+                async for _ in stream:
+                    pass
+                assert stream.result is not None
+                return web.json_response(formatter.completion(stream.result), dumps=_dumps)
+        finally:
+            _note(summarize_stats(stream.stats))
 
     async def _relay(
         self, request: web.Request, stream: ChatStream, formatter: CompletionFormatter, chat: ChatCompletionRequest
