@@ -26,7 +26,8 @@ from netfly import (
 )
 from netfly.errors import CircuitOpenError
 from netfly.health import format_health_table, format_stats
-from netfly.routing import RetryProvider, RoutedAttempt, register_cli
+from netfly.health_cli import register_cli
+from netfly.routing import RetryProvider, RoutedAttempt
 from netfly.stream import AttemptRecord, ChatStream
 
 from .conftest import answer, chunk, sse, stream_bytes

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import os
 import sys
@@ -17,9 +16,14 @@ from typing import Any, TextIO
 
 from . import errors
 from .__about__ import __version__
+from .gateway.cli import register_cli as register_serve
 from .health import format_stats
+from .health_cli import register_cli as register_check
 from .provider import Provider
 from .providers import OpenAICompatible, get_provider, provider_names
+from .providers.local import Local
+from .providers.local import is_available as local_is_available
+from .providers.local import register_cli as register_local
 
 # Exit codes, one per error class (most specific first); documented in README.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -83,15 +87,7 @@ def _resolve_provider(args: argparse.Namespace) -> type[Provider]:
 
 
 def _local_provider() -> type[Provider] | None:
-    try:
-        local = importlib.import_module("netfly.providers.local")
-    except ImportError:
-        return None
-    is_available: Callable[[], bool] | None = getattr(local, "is_available", None)
-    if is_available is None or not is_available():
-        return None
-    provider: type[Provider] = local.Local
-    return provider
+    return Local if local_is_available() else None
 
 
 def _read_prompt(prompt: str, stdin: TextIO) -> str:
@@ -174,23 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_provider_options(models)
     models.set_defaults(func=_models)
 
-    for register in _extensions():
-        register(commands)
+    # Subcommands whose terminal code lives beside what they drive.
+    register_check(commands)
+    register_serve(commands)
+    register_local(commands)
     return parser
-
-
-def _extensions() -> list[Callable[[Any], None]]:
-    """Subcommands contributed by the gateway, routing and local modules (when importable)."""
-    found: list[Callable[[Any], None]] = []
-    for module in ("netfly.gateway.cli", "netfly.routing", "netfly.providers.local"):
-        try:
-            imported = importlib.import_module(module)
-        except ImportError:
-            continue
-        register = getattr(imported, "register_cli", None)
-        if register is not None:
-            found.append(register)
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,8 +8,8 @@ The result is a provider class like any other: it has the whole ``Provider`` API
 for the CLI and the gateway, and can even be a member of another router.
 
 One rule keeps the output clean: a provider is left for the next one only *before* its first
-chunk. Once text has reached the caller, a failure raises :class:`StreamInterruptedError`; no
-other provider's text is ever appended to it. When every provider fails,
+chunk. Once text has reached the caller, a failure is raised as the provider raised it (a cut stream
+as :class:`StreamInterruptedError`); no other provider's text is ever appended to it. When every provider fails,
 :class:`AllProvidersFailedError` lists each one with its own error.
 """
 
@@ -32,14 +32,13 @@ from .errors import (
     NetflyError,
 )
 from .health import format_stats
-from .health_cli import register_cli
 from .messages import validate_messages
 from .provider import Provider
 from .stream import AttemptRecord, ChatRequest, ChatStream, StreamStats
 
 __all__ = [
     "HealthBook", "ProviderHealth", "RetryProvider", "RoutePlan", "RoutedAttempt", "RoutedProvider",
-    "RoutedStream", "RoutedStreamStats", "format_stats", "register_cli",
+    "RoutedStream", "RoutedStreamStats", "format_stats",
 ]
 
 logger = logging.getLogger("netfly")
