@@ -24,9 +24,9 @@ from netfly import (
     StreamInterruptedError,
     TransportError,
 )
+from netfly.cli.check import register_cli
 from netfly.errors import CircuitOpenError
 from netfly.health import format_health_table, format_stats
-from netfly.health_cli import register_cli
 from netfly.routing import RetryProvider, RoutedAttempt
 from netfly.stream import AttemptRecord, ChatStream
 

@@ -2,7 +2,7 @@
 
     from netfly import FreeNetfly
     async for chunk in FreeNetfly.create_async_generator(model="gpt-3.5-turbo", messages=messages):
-        print(chunk, end="")
+        ...  # each chunk is a piece of the answer's text, as it arrives
 """
 
 from __future__ import annotations

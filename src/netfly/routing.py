@@ -2,7 +2,7 @@
 
     Fallback = RetryProvider([Local, OpenAI, FreeNetfly], hedge_after=1.5)
     async for text in Fallback.create_async_generator(None, messages):
-        print(text, end="")
+        ...  # text from whichever provider served
 
 The result is a provider class like any other: it has the whole ``Provider`` API, can be registered
 for the CLI and the gateway, and can even be a member of another router.

@@ -16,7 +16,6 @@ when a child is spawned, "local model ... ready in N s" when it answers.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 from collections.abc import Sequence
@@ -36,19 +35,12 @@ from .llama_server import (
 )
 from .openai_compatible import OpenAICompatible
 
-__all__ = ["LlamaServer", "Local", "is_available", "register_cli"]
+__all__ = ["LlamaServer", "Local", "is_available"]
 
 
 def is_available() -> bool:
     """Whether ``Local`` can run here: the ``[local]`` extra and a model are installed."""
     return Local.installed()
-
-
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``netfly local serve`` to the ``netfly`` command (the terminal code is in local_cli.py)."""
-    from .local_cli import register
-
-    register(subparsers)
 
 
 class Local(OpenAICompatible):

@@ -16,13 +16,13 @@ from types import FrameType
 from typing import cast
 
 from ..errors import NetflyError
-from .llama_server import MODEL_ENV
-from .local import Local
+from ..providers.llama_server import MODEL_ENV
+from ..providers.local import Local
 
 DEFAULT_PORT = 8080  # OpenAICompatible's default URL, so `netfly chat --provider OpenAICompatible` finds it
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     local = subparsers.add_parser(
         "local", help="the local model (needs netfly[local])",
         description="The local model: a llama.cpp server on this machine, no network needed.",

@@ -10,10 +10,10 @@ import os
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..gateway.app import DEFAULT_MAX_BODY_BYTES, create_app
+from ..gateway.server import serve
 from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider, provider_names
-from .app import DEFAULT_MAX_BODY_BYTES, create_app
-from .server import serve
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
 PROVIDER_ENV = "NETFLY_PROVIDER"

@@ -1,6 +1,6 @@
 """``netfly check``: measure which providers answer now and print a table.
 
-Wired into the main parser by ``netfly.cli`` with :func:`register_cli`. Exit status: 0 when every
+Wired into the main parser by :mod:`netfly.cli` with :func:`register_cli`. Exit status: 0 when every
 checked provider answered, 1 when one did not, 2 for a usage error (unknown provider name).
 """
 
@@ -10,11 +10,11 @@ import argparse
 import asyncio
 import sys
 
-from .errors import ConfigurationError
-from .health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_all, format_health_table
-from .provider import Provider
-from .providers import OpenAICompatible, get_provider, provider_names
-from .transport import aclose
+from ..errors import ConfigurationError
+from ..health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_all, format_health_table
+from ..provider import Provider
+from ..providers import OpenAICompatible, get_provider, provider_names
+from ..transport import aclose
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:

@@ -1,7 +1,10 @@
-"""The ``netfly`` command: argument parsing and terminal output only.
+"""The ``netfly`` command: argument parsing and terminal output only (subcommands in this package).
 
     netfly chat "prompt"           stream an answer to stdout
     netfly models                  list a provider's models
+    netfly check                   measure which providers answer now       (check.py)
+    netfly serve                   the OpenAI-compatible gateway            (serve.py)
+    netfly local serve             the local model's server, in the foreground  (local.py)
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from . import errors
-from .__about__ import __version__
-from .gateway.cli import register_cli as register_serve
-from .health import format_stats
-from .health_cli import register_cli as register_check
-from .provider import Provider
-from .providers import OpenAICompatible, get_provider, provider_names
-from .providers.local import Local
-from .providers.local import is_available as local_is_available
-from .providers.local import register_cli as register_local
+from .. import errors
+from ..__about__ import __version__
+from ..health import format_stats
+from ..provider import Provider
+from ..providers import OpenAICompatible, get_provider, provider_names
+from ..providers.local import Local
+from ..providers.local import is_available as local_is_available
+from .check import register_cli as register_check
+from .local import register_cli as register_local
+from .serve import register_cli as register_serve
 
 # Exit codes, one per error class (most specific first); documented in README.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
