@@ -145,6 +145,27 @@ async def test_error_after_partial_text_echoing_the_key(scripted: Any) -> None:
     _assert_hidden(_shown(caught.value))
 
 
+async def test_malformed_chunk_echoing_the_key_is_scrubbed_in_warning_and_strict_error(
+    scripted: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def malformed(request: web.Request) -> web.StreamResponse:
+        # Not JSON, with the key near the 200-character cut of the quoted data.
+        return await stream_bytes(request, sse("x" * 190 + f"{{bad {KEY}", chunk("ok"), chunk(finish="stop")))
+
+    caplog.set_level(logging.WARNING, logger="netfly")
+    server = await scripted(malformed)
+    provider = server.provider(OpenAICompatible)
+    assert await provider.create_async("", MESSAGES, api_key=KEY) == "ok"
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and "***" in warnings[0]
+    _assert_hidden(warnings)
+    assert KEY[:8] not in warnings[0]  # no prefix left behind by the cut either
+
+    with pytest.raises(netfly.StreamDecodeError) as caught:
+        await provider.create_async("", MESSAGES, api_key=KEY, strict=True)
+    _assert_hidden(_shown(caught.value))
+
+
 async def test_retries_log_without_the_key(scripted: Any, caplog: pytest.LogCaptureFixture) -> None:
     async def echo_503(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": f"overloaded for {KEY}"}}, status=503)

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
+from .redact import scrub
 from .sse import ServerSentEvent
 
 logger = logging.getLogger("netfly")
@@ -41,11 +42,12 @@ class ChatResult:
 class ChunkInterpreter:
     """Turns events into answer text, collecting the rest of what the server said on the way."""
 
-    __slots__ = ("strict", "done", "finish_reason", "usage", "model", "id", "reasoning_parts",
+    __slots__ = ("strict", "secrets", "done", "finish_reason", "usage", "model", "id", "reasoning_parts",
                  "tool_calls", "malformed_chunks")
 
-    def __init__(self, *, strict: bool = False) -> None:
+    def __init__(self, *, strict: bool = False, secrets: tuple[str, ...] = ()) -> None:
         self.strict = strict
+        self.secrets = secrets  # scrubbed from the malformed data quoted in warnings and errors
         self.done = False
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -154,10 +156,12 @@ class ChunkInterpreter:
         )
 
     def _malformed(self, reason: str, data: str) -> None:
+        # Scrub before cutting, so a secret across the cut cannot leave a prefix behind.
+        data = (scrub(data, self.secrets) if self.secrets else data)[:200]
         if self.strict:
-            raise StreamDecodeError(f"{reason} (data: {data[:200]!r})")
+            raise StreamDecodeError(f"{reason} (data: {data!r})")
         self.malformed_chunks += 1
-        logger.warning("skipping malformed stream chunk: %s (data: %r)", reason, data[:200])
+        logger.warning("skipping malformed stream chunk: %s (data: %r)", reason, data)
 
 
 def _parse_lenient(data: str) -> Any:

@@ -149,7 +149,7 @@ class ChatStream:
                 stats.attempts.append(record)
                 attempt_started = time.monotonic()
                 logger.debug("%s: attempt %d: %r", request.provider, attempt, request)
-                interpreter = ChunkInterpreter(strict=request.strict)
+                interpreter = ChunkInterpreter(strict=request.strict, secrets=request.secrets)
                 try:
                     # aclosing: leaving early closes the attempt (and its connection) right here,
                     # not whenever the garbage collector gets to it.
