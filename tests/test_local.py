@@ -369,3 +369,42 @@ def test_no_server_remains_when_the_parent_is_killed() -> None:
         parent.kill()
         parent.communicate(timeout=30)
     assert wait_for(lambda: not llama_servers_marked(marker), 10), children
+
+
+@needs_local
+@needs_proc
+def test_gateway_serves_the_local_model_by_default_to_the_openai_sdk() -> None:
+    # README's gateway example: `netfly serve` with no provider chosen relays the local model.
+    import re
+
+    import openai
+
+    marker = uuid.uuid4().hex
+    with subprocess.Popen(
+        [*CLI, "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=marked_environment(marker),
+    ) as gateway:
+        assert gateway.stderr is not None
+        line = b""
+        deadline = time.monotonic() + 30
+        while b"listening on" not in line and time.monotonic() < deadline:
+            line = gateway.stderr.readline()
+        found = re.search(rb"http://127\.0\.0\.1:(\d+)", line)
+        assert found, line
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{int(found.group(1))}/v1", api_key="unused", timeout=60, max_retries=0
+        )
+        models = [m.id for m in client.models.list().data]
+        model = Local.get_model(None)  # the model file's name, listed bare for the default provider
+        assert models[0] == model and f"Local/{model}" in models
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Write a short poem about nature."}],
+            stream=True, max_tokens=32, temperature=0,
+        )
+        pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+        assert len(pieces) > 5 and len("".join(pieces).split()) >= 5
+        assert llama_servers_marked(marker)
+        gateway.send_signal(signal.SIGINT)
+        gateway.communicate(timeout=30)
+    assert gateway.returncode == 0
+    assert llama_servers_marked(marker) == []

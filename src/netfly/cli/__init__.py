@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -21,9 +20,8 @@ from .. import errors
 from ..__about__ import __version__
 from ..health import format_stats
 from ..provider import Provider
-from ..providers import OpenAICompatible, get_provider, provider_names
-from ..providers.local import Local
-from ..providers.local import is_available as local_is_available
+from ..providers import provider_names
+from ._providers import resolve_provider
 from .check import register_cli as register_check
 from .local import register_cli as register_local
 from .serve import register_cli as register_serve
@@ -73,24 +71,7 @@ def _add_provider_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_provider(args: argparse.Namespace) -> type[Provider]:
-    if getattr(args, "url", None):
-        return OpenAICompatible.configure(url=args.url, name=args.url)
-    if getattr(args, "provider", None):
-        return get_provider(args.provider)
-    default = os.environ.get("NETFLY_PROVIDER")
-    if default:
-        return get_provider(default)
-    local = _local_provider()
-    if local is not None:
-        return local
-    raise errors.ConfigurationError(
-        "no provider chosen and the local model is not installed; pick one with --provider NAME "
-        f"({', '.join(provider_names())}) or --url URL, or install the local model: pip install 'netfly[local]'"
-    )
-
-
-def _local_provider() -> type[Provider] | None:
-    return Local if local_is_available() else None
+    return resolve_provider(args.provider, args.url, url_label=args.url)
 
 
 def _read_prompt(prompt: str, stdin: TextIO) -> str:

@@ -12,11 +12,10 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..gateway.app import DEFAULT_MAX_BODY_BYTES, create_app
 from ..gateway.server import serve
-from ..provider import Provider
-from ..providers import OpenAICompatible, get_provider, provider_names
+from ..providers import provider_names
+from ._providers import PROVIDER_ENV, resolve_provider
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
-PROVIDER_ENV = "NETFLY_PROVIDER"
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -32,7 +31,8 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--provider", "-p", metavar="NAME",
-                        help=f"default provider ({', '.join(provider_names())}; default: ${PROVIDER_ENV})")
+                        help=f"default provider ({', '.join(provider_names())}; "
+                        f"default: ${PROVIDER_ENV}, else Local when installed)")
     choice.add_argument("--url", metavar="URL",
                         help="default provider: any OpenAI-compatible server at URL (API key from $NETFLY_API_KEY)")
     parser.add_argument("--auth-token", metavar="TOKEN", default=None,
@@ -49,23 +49,10 @@ def register_cli(subparsers: Any) -> None:
     parser.set_defaults(func=run_serve)
 
 
-def default_provider(args: argparse.Namespace) -> type[Provider]:
-    if args.url:
-        return OpenAICompatible.configure(url=args.url)
-    name = args.provider or os.environ.get(PROVIDER_ENV)
-    if not name:
-        raise ConfigurationError(
-            f"choose the default provider: --provider NAME ({', '.join(provider_names())}), --url URL, "
-            f"or set ${PROVIDER_ENV}"
-        )
-    return get_provider(name)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
-    provider = default_provider(args)
-    if args.url:
-        provider.endpoint_url()  # a malformed URL fails now, not on the first request
+    # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
+    provider = resolve_provider(args.provider, args.url)
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
     app = create_app(
         provider,

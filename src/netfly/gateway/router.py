@@ -62,7 +62,11 @@ class ModelRouter:
 
 
 def _models_of(provider: type[Provider]) -> list[str]:
-    # An empty ``models`` means "any name is passed through": the default model stands for it.
+    # An empty ``models`` means "any name is passed through": the default model stands for it
+    # (get_model, not default_model: Local knows its model's name only from its configuration).
     if provider.models:
         return list(provider.models)
-    return [provider.default_model] if provider.default_model else []
+    try:
+        return [provider.get_model(None)]
+    except ConfigurationError:  # no default model, or a provider that cannot run here
+        return []
