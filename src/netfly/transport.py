@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - aiohttp-socks is a declared dependency
 class Timeout:
     """Time limits in seconds; ``None`` disables one.
 
-    ``connect``: opening the TCP (and proxy, TLS) connection. ``idle``: the longest silence allowed
+    ``connect``: resolving the host and opening the TCP (and proxy, TLS) connection. ``idle``: the longest silence allowed
     between two reads, the wait for the response head included. ``total``: the whole call, retries
     and their waits included.
     """
@@ -218,9 +218,11 @@ async def aclose() -> None:
 
 
 def client_timeout(timeout: Timeout, remaining_total: float | None) -> aiohttp.ClientTimeout:
-    # sock_connect, not connect: waiting for a free pooled connection is not a connect failure.
+    # ``connect`` also bounds DNS resolution, which ``sock_connect`` alone leaves unbounded (a dead
+    # resolver would hang the call). It includes waiting for a free pooled connection too, but the
+    # pool allows 1000, so that wait only happens under a load where failing fast is right.
     return aiohttp.ClientTimeout(
-        total=remaining_total, sock_connect=timeout.connect, sock_read=timeout.idle
+        total=remaining_total, connect=timeout.connect, sock_connect=timeout.connect, sock_read=timeout.idle
     )
 
 
