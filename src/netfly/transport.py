@@ -40,9 +40,9 @@ except ImportError:  # pragma: no cover - aiohttp-socks is a declared dependency
 class Timeout:
     """Time limits in seconds; ``None`` disables one.
 
-    ``connect``: resolving the host and opening the TCP (and proxy, TLS) connection. ``idle``: the longest silence allowed
-    between two reads, the wait for the response head included. ``total``: the whole call, retries
-    and their waits included.
+    ``connect``: resolving the host and opening the TCP (and proxy, TLS) connection. ``idle``: the
+    longest silence allowed between two reads, the wait for the response head included. ``total``:
+    the whole call, retries and their waits included.
     """
 
     connect: float | None = 10.0
