@@ -44,6 +44,19 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
+async def _open_upstream(
+    record: ProxyRecord, writer: asyncio.StreamWriter
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """Connect to the record's target; on failure answer the client 502 and return ``None``."""
+    try:
+        return await asyncio.open_connection(record.target_host, record.target_port)
+    except OSError:
+        record.outcome = "connect-failed"
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return None
+
+
 async def _splice(
     client_reader: asyncio.StreamReader,
     client_writer: asyncio.StreamWriter,
@@ -166,13 +179,10 @@ class HTTPProxy(_ProxyServer):
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
             record.target_host, record.target_port = host.strip("[]"), int(port)
-            try:
-                up_reader, up_writer = await asyncio.open_connection(record.target_host, record.target_port)
-            except OSError:
-                record.outcome = "connect-failed"
-                writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                await writer.drain()
+            upstream = await _open_upstream(record, writer)
+            if upstream is None:
                 return
+            up_reader, up_writer = upstream
             record.outcome = "tunnel"
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
@@ -189,13 +199,10 @@ class HTTPProxy(_ProxyServer):
             if h.split(":", 1)[0].strip().lower() not in ("proxy-authorization", "proxy-connection", "connection")
         ]
         forwarded = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
-        try:
-            up_reader, up_writer = await asyncio.open_connection(record.target_host, record.target_port)
-        except OSError:
-            record.outcome = "connect-failed"
-            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
+        upstream = await _open_upstream(record, writer)
+        if upstream is None:
             return
+        up_reader, up_writer = upstream
         record.outcome = "forwarded"
         up_writer.write(forwarded.encode("latin-1"))
         await up_writer.drain()
