@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netfly import ServerSentEvent, SSEDecoder, StreamDecodeError
-from netfly.sse import DEFAULT_MAX_LINE_BYTES
+from netfly import ConfigurationError, ServerSentEvent, SSEDecoder, StreamDecodeError
+from netfly.sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 
 BOM = b"\xef\xbb\xbf"
 
@@ -200,7 +200,7 @@ def test_line_at_the_default_limit_passes_and_one_byte_more_raises() -> None:
     line = b"data: " + payload
     assert len(line) == DEFAULT_MAX_LINE_BYTES
     assert decode([line + b"\n\n"]) == [ServerSentEvent(payload.decode())]
-    with pytest.raises(StreamDecodeError, match="longer than"):
+    with pytest.raises(StreamDecodeError, match=r"^event-stream line longer than 1048576 bytes \(max_line_bytes\)$"):
         SSEDecoder().feed(line + b"x\n\n")
 
 
@@ -232,39 +232,114 @@ def test_limit_counted_byte_by_byte() -> None:
             decoder.feed(bytes([byte]))
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_limit_must_be_positive(bad: int) -> None:
-    with pytest.raises(ValueError):
-        SSEDecoder(max_line_bytes=bad)
+def test_limit_of_one_byte() -> None:
+    decoder = SSEDecoder(max_line_bytes=1)
+    assert decoder.feed(b":\n\n") == []  # a one-byte comment line is within the limit
+    with pytest.raises(StreamDecodeError, match="longer than 1 bytes"):
+        decoder.feed(b"da")
 
 
-# -- end of stream -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["max_line_bytes", "max_event_bytes"])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "8", True, None])
+def test_limits_must_be_positive_whole_numbers(name: str, bad: object) -> None:
+    with pytest.raises(ConfigurationError, match=rf"^{name} must be a positive whole number of bytes, got {bad!r}$"):
+        SSEDecoder(**{name: bad})  # type: ignore[arg-type]
 
 
-def test_pending_event_without_final_blank_line_is_delivered_by_flush() -> None:
+# -- event size limit ----------------------------------------------------------------------------
+
+
+def test_default_event_limit_is_eight_mebibytes() -> None:
+    assert DEFAULT_MAX_EVENT_BYTES == 8 << 20
+    assert SSEDecoder().max_event_bytes == 8 << 20
+
+
+def test_event_of_exactly_the_limit_passes_and_one_byte_more_raises() -> None:
+    # "a\nbc" is 4 bytes of data: the newline joining the lines counts, the line ends do not.
+    assert_any_split(b"data: a\ndata:bc\n\n", [ServerSentEvent("a\nbc")], max_event_bytes=4)
+    for parts in every_split(b"data: a\ndata:bcd\n\n"):
+        with pytest.raises(StreamDecodeError, match=r"^event-stream event with more than 4 bytes of data"):
+            decode(parts, SSEDecoder(max_event_bytes=4))
+
+
+def test_event_limit_counts_the_data_not_the_other_fields() -> None:
+    stream = b": a long comment line\nevent: a-long-event-name\nid: a-long-id\nretry: 1000\ndata: ab\n\n"
+    assert decode([stream], SSEDecoder(max_event_bytes=2)) == [
+        ServerSentEvent("ab", event="a-long-event-name", id="a-long-id", retry=1000)
+    ]
+
+
+def test_event_limit_applies_per_event_not_per_stream() -> None:
+    stream = b"".join(b"data: %03d\n\n" % i for i in range(200))
+    assert len(decode([stream], SSEDecoder(max_event_bytes=3))) == 200
+
+
+def test_many_data_lines_without_a_blank_line_raise_before_memory_grows() -> None:
+    decoder = SSEDecoder(max_event_bytes=1 << 20)
+    piece = b"data: x\n" * 8192  # 64 KiB of one-byte data lines, never a blank line
+    with pytest.raises(StreamDecodeError, match=r"more than 1048576 bytes of data \(max_event_bytes\)"):
+        for _ in range(200):
+            decoder.feed(piece)
+    assert decoder._data == []  # the oversized event was dropped
+
+
+def test_unterminated_event_over_the_limit_raises_at_flush() -> None:
+    decoder = SSEDecoder(max_event_bytes=4)
+    assert decoder.feed(b"data: abc\ndata: d") == []
+    with pytest.raises(StreamDecodeError, match="more than 4 bytes of data"):
+        decoder.flush()
+
+
+def test_thousands_of_data_lines_fold_into_one_event_exactly() -> None:
+    values = [str(i).encode() for i in range(5000)]
+    stream = b"".join(b"data: " + v + b"\n" for v in values) + b"data:tight\n\n"
+    expected = [ServerSentEvent("\n".join([*(v.decode() for v in values), "tight"]))]
+    assert decode([stream]) == expected
+    assert decode(split_at(stream, range(0, len(stream), 97))) == expected
+    assert decode([stream[i : i + 1] for i in range(len(stream))]) == expected
+
+
+# -- reuse after an error or flush -----------------------------------------------------------------
+
+
+def test_decoder_after_a_line_too_long_error_starts_afresh() -> None:
+    decoder = SSEDecoder(max_line_bytes=16)
+    assert decoder.feed(b"id: 7\nevent: e\ndata: pending\n") == []
+    with pytest.raises(StreamDecodeError):
+        decoder.feed(b"data: " + b"z" * 20)
+    # The pending event and its type are gone; the last event id outlives the error, as it outlives events.
+    assert decoder.feed(b"\ndata: next\n\n") == [ServerSentEvent("next", id="7")]
+
+
+def test_decoder_after_an_event_too_large_error_starts_afresh() -> None:
+    decoder = SSEDecoder(max_event_bytes=4)
+    with pytest.raises(StreamDecodeError):
+        decoder.feed(b"event: big\ndata: 12345\n")
+    assert decoder.feed(b"data: ok\n\n") == [ServerSentEvent("ok")]
+
+
+def test_decoder_reused_after_flush_decodes_a_new_stream() -> None:
     decoder = SSEDecoder()
-    assert decoder.feed(b"data: a\n\ndata: last\n") == [ServerSentEvent("a")]
-    assert decoder.flush() == [ServerSentEvent("last")]
-    assert decoder.flush() == []  # once
+    assert decoder.feed(b"id: 1\ndata: a\r") == []
+    assert decoder.flush() == [ServerSentEvent("a", id="1")]
+    # The CR that ended the first stream does not swallow the second stream's first LF.
+    assert decoder.feed(b"\ndata: b\n\n") == [ServerSentEvent("b", id="1")]
+    assert decoder.last_event_id == "1"
 
 
-def test_unterminated_last_line_is_delivered_by_flush() -> None:
-    decoder = SSEDecoder()
-    assert decoder.feed(b"data: a\ndata: b") == []
-    assert decoder.flush() == [ServerSentEvent("a\nb")]
+# -- fields ----------------------------------------------------------------------------------------
 
 
-def test_flush_of_an_empty_or_finished_stream_delivers_nothing() -> None:
-    assert SSEDecoder().flush() == []
-    assert decode([b"data: a\n\n: bye\n"]) == [ServerSentEvent("a")]
+def test_invalid_utf8_in_event_and_id_is_replaced() -> None:
+    assert decode([b"event: e\xff\nid: i\xfe\ndata: x\n\n"]) == [ServerSentEvent("x", event="e\ufffd", id="i\ufffd")]
 
 
-def test_empty_reads_change_nothing() -> None:
-    decoder = SSEDecoder()
-    assert decoder.feed(b"") == []
-    assert decoder.feed(b"data: a\r") == []
-    assert decoder.feed(b"") == []
-    assert decoder.feed(b"\n\n") == [ServerSentEvent("a")]
+@pytest.mark.parametrize("digits", [12, 13, 5000])
+def test_huge_retry_values_are_ignored_not_raised(digits: int) -> None:
+    value = b"9" * digits
+    expected = 10**12 - 1 if digits == 12 else None
+    assert decode([b"retry: " + value + b"\ndata: x\n\n"]) == [ServerSentEvent("x", retry=expected)]
+
 
 
 # -- properties: any split gives the same events -------------------------------------------------

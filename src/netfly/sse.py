@@ -6,8 +6,9 @@ joined with ``\\n``; ``:`` comment lines ignored; ``event``, ``id`` and ``retry`
 UTF-8 BOM skipped. Lines are split on bytes before decoding, and UTF-8 never uses the bytes of CR or
 LF inside a character, so a character split across reads is never garbled.
 
-Two departures from a browser, both deliberate for API clients: a line longer than
-``max_line_bytes`` raises :class:`StreamDecodeError` instead of growing memory, and an event still
+Three departures from a browser, all deliberate for API clients: a line longer than
+``max_line_bytes`` and an event whose data is longer than ``max_event_bytes`` (many ``data`` lines
+and no blank line) raise :class:`StreamDecodeError` instead of growing memory, and an event still
 pending when the stream ends (no final blank line) is delivered by :meth:`SSEDecoder.flush`.
 """
 
@@ -15,9 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import StreamDecodeError
+from .errors import ConfigurationError, StreamDecodeError
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
+DEFAULT_MAX_EVENT_BYTES = 8 << 20
+# Pending data lines are folded into one bytearray past this many: a million one-byte lines would
+# otherwise cost a million bytes objects (about 40 bytes each) before the event size limit is reached.
+_FOLD_LINES = 64
+# A retry value longer than this is garbage (over 30 years in milliseconds) and int() of a huge digit
+# string raises ValueError past 4,300 digits.
+_MAX_RETRY_DIGITS = 12
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -36,17 +44,21 @@ class ServerSentEvent:
 class SSEDecoder:
     """Incremental decoder. Call :meth:`feed` with each read, then :meth:`flush` at end of stream."""
 
-    __slots__ = ("max_line_bytes", "_buffer", "_pending_cr", "_bom_checked", "_data", "_event",
-                 "_last_id", "_retry")
+    __slots__ = ("max_line_bytes", "max_event_bytes", "_buffer", "_pending_cr", "_bom_checked", "_data",
+                 "_data_size", "_event", "_last_id", "_retry")
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
-        if max_line_bytes <= 0:
-            raise ValueError("max_line_bytes must be positive")
-        self.max_line_bytes = max_line_bytes
+    def __init__(
+        self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    ) -> None:
+        self.max_line_bytes = _positive_int("max_line_bytes", max_line_bytes)
+        self.max_event_bytes = _positive_int("max_event_bytes", max_event_bytes)
         self._buffer = b""
         self._pending_cr = False  # the previous read ended in CR: a leading LF belongs to it
         self._bom_checked = False
-        self._data: list[bytes] = []
+        self._data: list[bytes | bytearray] = []
+        # Size of the pending event's data as it will be delivered: each line's value plus one for
+        # the newline joining it to the next (so one more than the joined size).
+        self._data_size = 0
         self._event: str | None = None
         self._last_id: str | None = None
         self._retry: int | None = None
@@ -76,25 +88,38 @@ class SSEDecoder:
             self._check_lengths(lines)
         events: list[ServerSentEvent] = []
         data = self._data  # cleared in place by _dispatch, so this alias stays valid
+        size, budget = self._data_size, self.max_event_bytes + 1
         for line in lines:
             # Nearly every line is "data: ..." or the blank line ending an event: those two are
             # handled inline (this loop runs once per line of the stream), the rest by _process_line.
             if line.startswith(b"data: "):
                 data.append(line[6:])
+                size += len(line) - 5
             elif line:
-                self._process_line(line, events)
+                size += self._process_line(line, events)
             elif data:
+                if size > budget:
+                    self._event_too_large()
                 self._dispatch(events)
+                size = 0
             else:
                 self._event = None  # a blank line with no data: nothing to dispatch, reset the type
+        self._data_size = size
+        if size > budget:
+            self._event_too_large()
+        if len(data) > _FOLD_LINES:
+            self._fold()
         return events
 
     def flush(self) -> list[ServerSentEvent]:
         """End of stream: deliver an unterminated last line and any event still pending."""
         events: list[ServerSentEvent] = []
+        self._pending_cr = False
         if self._buffer:
             line, self._buffer = self._buffer, b""
-            self._process_line(line, events)
+            self._data_size += self._process_line(line, events)
+            if self._data_size > self.max_event_bytes + 1:
+                self._event_too_large()
         self._dispatch(events)
         return events
 
@@ -105,35 +130,71 @@ class SSEDecoder:
     def _check_lengths(self, lines: list[bytes]) -> None:
         limit = self.max_line_bytes
         if len(self._buffer) > limit or any(len(line) > limit for line in lines):
-            self._buffer = b""
-            raise StreamDecodeError(f"event-stream line longer than {limit} bytes")
+            self._drop_event()
+            raise StreamDecodeError(f"event-stream line longer than {limit} bytes (max_line_bytes)")
 
-    def _process_line(self, line: bytes, events: list[ServerSentEvent]) -> None:
+    def _event_too_large(self) -> None:
+        self._drop_event()
+        raise StreamDecodeError(
+            f"event-stream event with more than {self.max_event_bytes} bytes of data (max_event_bytes)"
+        )
+
+    def _drop_event(self) -> None:
+        # After an error the rest of the stream cannot be trusted; a reused decoder starts afresh
+        # (the last event id and retry, which outlive events by the spec, are kept).
+        self._buffer = b""
+        self._data.clear()
+        self._data_size = 0
+        self._event = None
+
+    def _fold(self) -> None:
+        # Many short data lines become one bytearray, so memory follows the data's size, not the
+        # number of lines; the first element stays the accumulator for the next fold.
+        data = self._data
+        head = data[0]
+        if isinstance(head, bytearray):
+            head += b"\n"
+            head += b"\n".join(data[1:])
+        else:
+            head = bytearray(b"\n".join(data))
+        data[:] = [head]
+
+    def _process_line(self, line: bytes, events: list[ServerSentEvent]) -> int:
+        """Apply one non-``data: `` line; returns the bytes it added to the pending data."""
         if not line:
             self._dispatch(events)
-            return
+            return 0
         if line[0] == 0x3A:  # ":" starts a comment (keep-alives such as ": ping")
-            return
+            return 0
         field, colon, value = line.partition(b":")
         if colon and value[:1] == b" ":
             value = value[1:]
         if field == b"data":
             self._data.append(value)
-        elif field == b"event":
+            return len(value) + 1
+        if field == b"event":
             self._event = value.decode("utf-8", "replace")
         elif field == b"id":
             if b"\0" not in value:
                 self._last_id = value.decode("utf-8", "replace")
         elif field == b"retry":
-            if value.isdigit():
+            if value.isdigit() and len(value) <= _MAX_RETRY_DIGITS:
                 self._retry = int(value)
         # Any other field name is ignored, as the spec says.
+        return 0
 
     def _dispatch(self, events: list[ServerSentEvent]) -> None:
         data, event = self._data, self._event
         self._event = None
+        self._data_size = 0
         if not data:
             return
         text = (data[0] if len(data) == 1 else b"\n".join(data)).decode("utf-8", "replace")
         data.clear()
         events.append(ServerSentEvent(text, event or "message", self._last_id, self._retry))
+
+
+def _positive_int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive whole number of bytes, got {value!r}")
+    return value
