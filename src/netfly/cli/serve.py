@@ -11,7 +11,14 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..gateway.app import DEFAULT_MAX_BODY_BYTES, create_app
-from ..gateway.server import serve
+from ..gateway.connections import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    ConnectionLimits,
+)
+from ..gateway.server import DEFAULT_SHUTDOWN_GRACE, serve
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
 
@@ -46,7 +53,24 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--proxy", default=None, help="proxy for upstream calls (http://, socks5://, ...)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
+    _add_connection_options(parser)
     parser.set_defaults(func=run_serve)
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    limits = parser.add_argument_group("client limits (nginx-like defaults)")
+    limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                        help=f"time for a request's line and headers to arrive (default: {DEFAULT_HEADER_TIMEOUT:g})")
+    limits.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                        help=f"time for a whole request body to arrive (default: {DEFAULT_BODY_TIMEOUT:g})")
+    limits.add_argument("--keepalive-timeout", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
+                        help=f"idle time before a kept-alive connection is closed "
+                        f"(default: {DEFAULT_KEEPALIVE_TIMEOUT:g})")
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help=f"open connections accepted; more get a 503 (default: {DEFAULT_MAX_CONNECTIONS})")
+    limits.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+                        help="on SIGTERM, time for requests in flight to finish before they are cut "
+                        f"(default: {DEFAULT_SHUTDOWN_GRACE:g})")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -63,6 +87,12 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         proxy=args.proxy,
     )
+    limits = ConnectionLimits(
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
+    )
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise ConfigurationError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace!r}")
     gateway_logger = logging.getLogger("netfly.gateway")
     if gateway_logger.getEffectiveLevel() > logging.INFO:
         gateway_logger.setLevel(logging.INFO)  # the per-request lines are the point of a server's log
@@ -70,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.warning("serving on %s without --auth-token: anyone who can reach it can use the providers",
                        args.host)
     try:
-        asyncio.run(serve(app, args.host, args.port))
+        asyncio.run(serve(app, args.host, args.port, shutdown_timeout=args.shutdown_grace, limits=limits))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # cannot bind: port in use, address not available, permission

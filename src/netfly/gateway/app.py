@@ -28,6 +28,7 @@ from ..stream import ChatStream
 from ..transport import Proxy, Timeout, aclose
 from .errors import ErrorInfo, GatewayError, describe
 from .format import DONE_EVENT, CompletionFormatter, model_list, model_object, sse_event
+from .logfmt import access_line
 from .router import ModelRouter
 from .schema import ChatCompletionRequest, parse_chat_request
 
@@ -82,10 +83,8 @@ class Gateway:
             raise
         finally:
             _notes.reset(reset)
-            logger.info(
-                "%s %s %d %.1fms%s", request.method, request.rel_url.raw_path, status,
-                (time.monotonic() - started) * 1000, f" ({'; '.join(notes)})" if notes else "",
-            )
+            logger.info("%s", access_line(request.method, request.rel_url.raw_path, status,
+                                          time.monotonic() - started, notes))
 
     @web.middleware
     async def openai_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -113,7 +112,9 @@ class Gateway:
         if self._token is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken does not tell how much of the token was right.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            # surrogateescape: header bytes that are not UTF-8 compare as the bytes they are (a 401, not a 500).
+            given_bytes = given.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
                 raise GatewayError(401, "missing or invalid bearer token in the Authorization header",
                                    type="authentication_error", code="invalid_api_key")
         return await handler(request)

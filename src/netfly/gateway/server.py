@@ -1,4 +1,11 @@
-"""Running the gateway: bind, serve until told to stop, shut down cleanly."""
+"""Running the gateway: bind, guard the connections, serve until told to stop, shut down cleanly.
+
+On SIGTERM (or ``runner.cleanup()``) the gateway stops accepting connections, closes idle ones and
+gives the requests in flight ``shutdown_timeout`` seconds (the grace) to finish. A request still
+running after the grace is cut on purpose: a stream gets one last ``data:`` event with an error of
+type ``server_shutdown`` (and no ``[DONE]``), a request whose answer has not started gets a 503 of
+that type, and the access log says ``server shutdown`` rather than "client disconnected".
+"""
 
 from __future__ import annotations
 
@@ -6,25 +13,51 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
+from .. import _json
+from .connections import ConnectionGuard, ConnectionLimits, Handler
+from .errors import ErrorInfo
+from .format import sse_event
+from .logfmt import mark_cut_by_shutdown
+
 logger = logging.getLogger("netfly.gateway")
+
+DEFAULT_SHUTDOWN_GRACE = 10.0
+# After the grace, cut requests only have to unwind their cancellation: this bounds that.
+_AFTER_CUT_TIMEOUT = 2.0
 
 
 async def start(
-    app: web.Application, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 10.0
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_GRACE,
+    limits: ConnectionLimits | None = None,
 ) -> web.AppRunner:
     """Start serving ``app`` on ``host:port``; stop it with ``await runner.cleanup()``.
 
     ``handler_cancellation=True``: a client that disconnects cancels its handler, and so the
     upstream request, at once. aiohttp's own access log is off: the gateway logs each request.
-    On cleanup, answers in flight get ``shutdown_timeout`` seconds to finish.
+    ``limits`` (default: :class:`ConnectionLimits`'s) bounds slow and idle clients and the number of
+    connections. On cleanup, requests in flight get ``shutdown_timeout`` seconds to finish (see
+    the module's doc). ``app`` must not have been started before (its hooks are added here).
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    limits = limits or ConnectionLimits()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_AFTER_CUT_TIMEOUT,
+                           keepalive_timeout=limits.keepalive_timeout)
+    guard = ConnectionGuard(limits, lambda: _protocol(runner))
+    shutdown = _GracefulShutdown(shutdown_timeout)
+    app.middlewares.insert(0, guard.middleware)
+    app.middlewares.insert(0, shutdown.middleware)
+    app.on_response_prepare.append(shutdown.on_response_prepare)
+    app.on_shutdown.append(shutdown.on_shutdown)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = _GuardedSite(runner, host, port, guard)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -41,10 +74,15 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve(
-    app: web.Application, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 10.0
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_GRACE,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve ``app`` until SIGTERM, SIGINT or cancellation, then close every connection."""
-    runner = await start(app, host, port, shutdown_timeout=shutdown_timeout)
+    runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits)
     logger.info("gateway listening on http://%s:%d", _url_host(host), bound_port(runner))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -62,5 +100,93 @@ async def serve(
         logger.info("gateway stopped")
 
 
+class _GuardedSite(web.BaseSite):
+    """A TCP site whose connections go through a :class:`ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return f"http://{_url_host(self._host)}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._guard, self._host, self._port)
+
+
+def _protocol(runner: web.AppRunner) -> asyncio.Protocol:
+    server = runner.server
+    assert server is not None, "connections are accepted only once the runner is set up"
+    return server()
+
+
+class _GracefulShutdown:
+    """Tracks the requests being handled, and at shutdown waits for them, then cuts the rest."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        # Keyed by the handler's task (requests are not hashable): its request and prepared response.
+        self._running: dict[asyncio.Task[Any], web.Request] = {}
+        self._responses: dict[asyncio.Task[Any], web.StreamResponse] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = request
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            del self._running[task]
+            self._responses.pop(task, None)
+            if not self._running:
+                self._idle.set()
+
+    async def on_response_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        task = asyncio.current_task()
+        if task in self._running:
+            self._responses[task] = response
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        if not self._running:
+            return
+        logger.info("shutting down: %d request(s) in flight get %g s to finish", len(self._running), self.grace)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.grace)
+        if self._running:
+            logger.warning("shutdown grace of %g s over: cutting %d request(s) still running",
+                           self.grace, len(self._running))
+            await asyncio.gather(*(self._cut(task, request) for task, request in list(self._running.items())))
+
+    async def _cut(self, task: asyncio.Task[Any], request: web.Request) -> None:
+        info = ErrorInfo(503, f"the gateway is shutting down and cut this request after the {self.grace:g} s grace",
+                         "server_shutdown", code="server_shutdown")
+        response = self._responses.get(task)
+        mark_cut_by_shutdown(task, response.status if response is not None else info.status)
+        # Cancel first: the handler then writes nothing more (no [DONE]); the error below is written
+        # before it unwinds and closes the connection.
+        task.cancel()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if response is None:
+                answer = web.json_response(info.body(), status=info.status, dumps=_dumps)
+                await answer.prepare(request)
+                await answer.write_eof()
+            elif response.content_type == "text/event-stream":
+                await response.write_eof(sse_event(info.body()))
+
+
+def _dumps(obj: object) -> str:
+    return _json.dumps(obj).decode()
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
