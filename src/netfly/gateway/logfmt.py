@@ -52,7 +52,10 @@ def access_line(method: str, path: str, status: int, elapsed: float, notes: Sequ
     Called from the request's own task. A request the server cut at shutdown is logged with the
     status it was sent and the note ``server shutdown``, not as a client that went away (499).
     """
-    task = asyncio.current_task()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: not a request being handled
+        task = None
     cut_status = _cut_by_shutdown.get(task) if task is not None else None
     if cut_status is not None:
         status = cut_status
