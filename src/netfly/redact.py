@@ -16,11 +16,9 @@ def redact_url(url: str) -> str:
         return MASK
     if parts.password is None and parts.username is None:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 literal keeps its brackets
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # The host and port as written (brackets of an IPv6 literal, an out-of-range port): parsing them
+    # could fail, and only the userinfo before the last "@" needs hiding.
+    host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     userinfo = f"{user}:{MASK}" if parts.password is not None else MASK
     return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
