@@ -19,46 +19,15 @@ from aiohttp import web
 
 import netfly
 from netfly import FreeNetfly, OpenAICompatible, Timeout
-from netfly.gateway import bound_port, create_app, start
+from netfly.gateway import create_app
 
-from .conftest import ScriptedServer, answer, chunk, sse, stream_bytes
+from .conftest import TOKEN, Gateway, ScriptedServer, answer, chunk, sse, stream_bytes
 
-TOKEN = "gw-token-5b1c9e"
 UPSTREAM_KEY = "sk-upstream-secret-7d2f"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 
 Scripted = Callable[..., Awaitable[ScriptedServer]]
-
-
-class Gateway:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.base_url = url + "/v1"
-
-    def client(self, token: str = TOKEN, **options: Any) -> openai.AsyncOpenAI:
-        options.setdefault("max_retries", 0)
-        options.setdefault("timeout", 10)
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=token, **options)
-
-    def sync_client(self, token: str = TOKEN) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=token, max_retries=0, timeout=10)
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
-    """Start the gateway with the production runner (``start``) on a free port of 127.0.0.1."""
-    runners: list[web.AppRunner] = []
-
-    async def launch(provider: type[netfly.Provider] | str, **options: Any) -> Gateway:
-        options.setdefault("auth_token", TOKEN)
-        runner = await start(create_app(provider, **options), "127.0.0.1", 0)
-        runners.append(runner)
-        return Gateway(f"http://127.0.0.1:{bound_port(runner)}")
-
-    yield launch
-    for runner in runners:
-        await runner.cleanup()
 
 
 def text_answer(*pieces: str, finish: str = "stop", usage: dict[str, int] | None = USAGE) -> bytes:

@@ -101,8 +101,8 @@ async def serve_golden(aiohttp_server: Any, name: str) -> str:
 
 async def test_openai_sdk_assembles_the_chat_tool_calls(aiohttp_server: Any) -> None:
     url = await serve_golden(aiohttp_server, "chat_tools")
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    async with client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "hi"}]) as stream:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client, \
+            client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "hi"}]) as stream:
         final = await stream.get_final_completion()
     calls = final.choices[0].message.tool_calls or []
     assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
@@ -113,8 +113,8 @@ async def test_openai_sdk_assembles_the_chat_tool_calls(aiohttp_server: Any) -> 
 
 async def test_openai_sdk_assembles_the_responses_stream(aiohttp_server: Any) -> None:
     url = await serve_golden(aiohttp_server, "responses_text")
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    async with client.responses.stream(model="m", input="hi") as stream:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client, \
+            client.responses.stream(model="m", input="hi") as stream:
         final = await stream.get_final_response()
     assert final.output_text == "Hello, world"
     assert [item.type for item in final.output] == ["reasoning", "message"]
@@ -123,8 +123,8 @@ async def test_openai_sdk_assembles_the_responses_stream(aiohttp_server: Any) ->
 
 async def test_openai_sdk_assembles_the_responses_function_calls(aiohttp_server: Any) -> None:
     url = await serve_golden(aiohttp_server, "responses_tools")
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    async with client.responses.stream(model="m", input="hi") as stream:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client, \
+            client.responses.stream(model="m", input="hi") as stream:
         deltas = [e.delta async for e in stream if e.type == "response.function_call_arguments.delta"]
         final = await stream.get_final_response()
     calls = [(o.call_id, o.name, o.arguments) for o in final.output if o.type == "function_call"]
@@ -134,8 +134,8 @@ async def test_openai_sdk_assembles_the_responses_function_calls(aiohttp_server:
 
 async def test_anthropic_sdk_assembles_the_messages_stream(aiohttp_server: Any) -> None:
     url = await serve_golden(aiohttp_server, "messages_tools")
-    client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
-    async with client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as client, \
+            client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
         final = await s.get_final_message()
     assert [(b.type, getattr(b, "name", None), getattr(b, "input", None)) for b in final.content] == [
         ("tool_use", "get_weather", {"city": "Paris"}), ("tool_use", "get_time", {})]
@@ -145,16 +145,17 @@ async def test_anthropic_sdk_assembles_the_messages_stream(aiohttp_server: Any) 
 
 async def test_anthropic_sdk_reads_text_thinking_and_in_stream_errors(aiohttp_server: Any) -> None:
     url = await serve_golden(aiohttp_server, "messages_text")
-    client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
-    async with client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as client, \
+            client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
         final = await s.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[1].text == "Hello, world" and final.stop_reason == "end_turn"  # type: ignore[union-attr]
     url = await serve_golden(aiohttp_server, "messages_error")
-    client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
-    with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
-        async with client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
-            await s.get_final_message()
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
+            async with client.messages.stream(model="m", max_tokens=10,
+                                              messages=[{"role": "user", "content": "hi"}]) as s:
+                await s.get_final_message()
 
 
 def test_chat_chunks_keep_unknown_fields_and_null_content() -> None:
