@@ -8,12 +8,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import netfly
 from netfly import FreeNetfly
+from netfly.gateway import bound_port, create_app, start
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -123,3 +125,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# -- the gateway -----------------------------------------------------------------------------------
+
+TOKEN = "gw-token-5b1c9e"
+
+
+class Gateway:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.base_url = url + "/v1"
+
+    def client(self, token: str = TOKEN, **options: Any) -> openai.AsyncOpenAI:
+        options.setdefault("max_retries", 0)
+        options.setdefault("timeout", 10)
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=token, **options)
+
+    def sync_client(self, token: str = TOKEN) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=token, max_retries=0, timeout=10)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """Start the gateway with the production runner (``start``) on a free port of 127.0.0.1."""
+    runners: list[web.AppRunner] = []
+
+    async def launch(provider: type[netfly.Provider] | str, **options: Any) -> Gateway:
+        options.setdefault("auth_token", TOKEN)
+        runner = await start(create_app(provider, **options), "127.0.0.1", 0)
+        runners.append(runner)
+        return Gateway(f"http://127.0.0.1:{bound_port(runner)}")
+
+    yield launch
+    for runner in runners:
+        await runner.cleanup()

@@ -271,19 +271,22 @@ def _describe(exc: BaseException) -> str:
 
 
 async def fetch_json(
-    url: str, *, headers: dict[str, str], timeout: Timeout, target: str, secrets: tuple[str, ...] = ()
+    url: str, *, headers: dict[str, str], timeout: Timeout, target: str, secrets: tuple[str, ...] = (),
+    body: bytes | None = None,
 ) -> Any:
-    """GET a small JSON document through the pooled session, with netfly's errors."""
+    """GET a small JSON document (POST ``body`` when given) through the pooled session, with netfly's errors."""
     session = await default_pool.session()
+    method = "GET" if body is None else "POST"
+    limits = client_timeout(timeout, timeout.total)
     try:
-        async with session.get(url, headers=headers, timeout=client_timeout(timeout, timeout.total)) as response:
+        async with session.request(method, url, headers=headers, data=body, timeout=limits) as response:
             raw = await response.read()
             if response.status >= 300:
                 try:
-                    body: Any = _json.loads(raw)
+                    reply: Any = _json.loads(raw)
                 except ValueError:
-                    body = raw.decode("utf-8", "replace")
-                message = scrub(error_message_from_body(body, response.reason or ""), secrets)
+                    reply = raw.decode("utf-8", "replace")
+                message = scrub(error_message_from_body(reply, response.reason or ""), secrets)
                 raise error_for_status(
                     response.status, message, provider=target, retry_after=parse_retry_after(response.headers)
                 )

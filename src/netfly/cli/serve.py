@@ -18,6 +18,7 @@ from ..gateway.connections import (
     DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
 )
+from ..gateway.relay import DEFAULT_KEEPALIVE
 from ..gateway.server import DEFAULT_SHUTDOWN_GRACE, serve
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
@@ -31,15 +32,16 @@ def register_cli(subparsers: Any) -> None:
     """Add ``serve`` to the ``netfly`` command's subparsers."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="run an OpenAI-compatible HTTP API over the providers",
-        description="Serve POST /v1/chat/completions, GET /v1/models and GET /health. "
-                    "The model field picks the provider: 'provider/model', or a bare model for the default one.",
+        description="Serve the chat completions, Responses, Messages and embeddings APIs, GET /v1/models and "
+                    "GET /health. Only the chosen providers are reachable; the model field picks one: "
+                    "'provider/model', or a bare model for the default (the first chosen).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--provider", "-p", metavar="NAME",
-                        help=f"default provider ({', '.join(provider_names())}; "
-                        f"default: ${PROVIDER_ENV}, else Local when installed)")
+    choice.add_argument("--provider", "-p", metavar="NAME", action="append",
+                        help=f"a provider to expose ({', '.join(provider_names())}); repeat for more, the first "
+                        f"is the default (default: ${PROVIDER_ENV}, else Local when installed)")
     choice.add_argument("--url", metavar="URL",
                         help="default provider: any OpenAI-compatible server at URL (API key from $NETFLY_API_KEY)")
     parser.add_argument("--auth-token", metavar="TOKEN", default=None,
@@ -53,6 +55,11 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--proxy", default=None, help="proxy for upstream calls (http://, socks5://, ...)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--cors-origins", metavar="ORIGINS", default="*",
+                        help="comma-separated browser origins allowed (default: * = any; '' = no CORS)")
+    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
+                        help=f"comment line on a silent stream every SECONDS (default: {DEFAULT_KEEPALIVE:g}; "
+                        "0: never)")
     _add_connection_options(parser)
     parser.set_defaults(func=run_serve)
 
@@ -76,10 +83,14 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
     # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
-    provider = resolve_provider(args.provider, args.url)
+    names = args.provider or [None]
+    chosen = [resolve_provider(name, args.url) for name in names]
     token = args.auth_token or os.environ.get(TOKEN_ENV) or None
     app = create_app(
-        provider,
+        chosen[0],
+        providers={provider.name(): provider for provider in chosen},
+        cors_origins=[origin.strip() for origin in args.cors_origins.split(",") if origin.strip()],
+        keepalive=args.keepalive,
         auth_token=token,
         max_body_bytes=args.max_body_bytes,
         max_retries=args.retries,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,27 +23,37 @@ from aiohttp import web
 from .. import _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
+from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event, Usage
 from ..health import summarize_stats
 from ..provider import Provider
 from ..providers import get_provider
 from ..stream import ChatStream
 from ..transport import Proxy, Timeout, aclose
+from .chat import ChatChunkEncoder
+from .embeddings import parse_embeddings_request, relay_embeddings
 from .errors import ErrorInfo, GatewayError, describe
-from .format import DONE_EVENT, CompletionFormatter, model_list, model_object, sse_event
+from .format import model_list, model_object
 from .logfmt import access_line
-from .router import ModelRouter
-from .schema import ChatCompletionRequest, parse_chat_request
+from .messages import MessageBuilder, MessagesEncoder, anthropic_error, parse_messages_request
+from .relay import DEFAULT_KEEPALIVE, SSEChannel, StreamEncoder, relay
+from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_request
+from .router import ModelRouter, Route
+from .schema import ChatCall, parse_chat_request
 
 logger = logging.getLogger("netfly.gateway")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Words for the access log line of the request being handled (middleware and handler share a task).
 _notes: ContextVar[list[str] | None] = ContextVar("netfly_gateway_notes", default=None)
-_SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # tells nginx-style proxies in front not to buffer the stream
-}
+# Response headers a browser script may read: the ones the SDKs read.
+EXPOSED_HEADERS = ", ".join((
+    "x-request-id", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens", "openai-processing-ms", "request-id",
+))
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's id is echoed only if it is harmless
+# The id of the request being handled, for the headers of a response the handler streams itself.
+_request_id: ContextVar[str | None] = ContextVar("netfly_gateway_request_id", default=None)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,12 +69,18 @@ class Gateway:
         max_body_bytes: int,
         call_options: Mapping[str, Any],
         upstream_usage: bool,
+        cors_origins: Iterable[str] | None = None,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
     ) -> None:
         self.router = router
         self._token = auth_token.encode() if auth_token is not None else None
         self.max_body_bytes = max_body_bytes
         self.call_options = dict(call_options)
         self.upstream_usage = upstream_usage
+        origins = frozenset(cors_origins) if cors_origins is not None else frozenset({"*"})
+        self.cors_origins = None if "*" in origins else origins  # None: every origin
+        self.cors_enabled = bool(origins)
+        self.keepalive = keepalive
 
     # -- middlewares (outermost first) ---------------------------------------------------------
 
@@ -73,9 +91,14 @@ class Gateway:
         status = 500
         notes: list[str] = []
         reset = _notes.set(notes)
+        given = request.headers.get("X-Request-Id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        reset_id = _request_id.set(request_id)
         try:
             response = await handler(request)
             status = response.status
+            if not response.prepared:  # streamed responses got these headers when they were prepared
+                self._decorate(request, response, request_id)
             return response
         except asyncio.CancelledError:
             status = 499  # nginx's "client closed request": the handler was cancelled by the disconnect
@@ -83,8 +106,46 @@ class Gateway:
             raise
         finally:
             _notes.reset(reset)
+            _request_id.reset(reset_id)
             logger.info("%s", access_line(request.method, request.rel_url.raw_path, status,
-                                          time.monotonic() - started, notes))
+                                          time.monotonic() - started, notes, request_id=request_id))
+
+    @web.middleware
+    async def cors_preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A browser's preflight is answered here, before authentication (it never carries the token)."""
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return await handler(request)
+        if not self._cors_origin(request):
+            return web.Response(status=403, text="origin not allowed")
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600"}
+        if requested:
+            headers["Access-Control-Allow-Headers"] = requested  # "*" would not cover Authorization
+        return web.Response(status=204, headers=headers)
+
+    def _cors_origin(self, request: web.Request) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for this request, or None (not allowed)."""
+        origin = request.headers.get("Origin")
+        if not self.cors_enabled or not origin:
+            return None
+        if self.cors_origins is None:
+            return "*"
+        return origin if origin in self.cors_origins else None
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        request_id = _request_id.get()
+        if request_id is not None:  # set while the handler runs: a response it streams itself
+            self._decorate(request, response, request_id)
+
+    def _decorate(self, request: web.Request, response: web.StreamResponse, request_id: str) -> None:
+        """Headers every response carries, streamed or not: the request id, CORS."""
+        response.headers["X-Request-Id"] = request_id
+        origin = self._cors_origin(request)
+        if origin:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+            if origin != "*":
+                response.headers.add("Vary", "Origin")
 
     @web.middleware
     async def openai_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -105,17 +166,23 @@ class Gateway:
             logger.exception("unexpected error handling %s %s", request.method, request.rel_url.raw_path)
             info = describe(exc)
             _note(type(exc).__name__)
+        if request.path.startswith("/v1/messages"):  # the Anthropic API's clients expect its error shape
+            return web.json_response(anthropic_error(info), status=info.status, headers=info.headers(),
+                                     dumps=_dumps)
         return error_response(info)
 
     @web.middleware
     async def require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._token is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                given = request.headers.get("x-api-key", "")  # the Anthropic SDK's header
             # compare_digest: the time taken does not tell how much of the token was right.
             # surrogateescape: header bytes that are not UTF-8 compare as the bytes they are (a 401, not a 500).
             given_bytes = given.strip().encode("utf-8", "surrogateescape")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
-                raise GatewayError(401, "missing or invalid bearer token in the Authorization header",
+            if not given or not hmac.compare_digest(given_bytes, self._token):
+                raise GatewayError(401, "missing or invalid token: send it as 'Authorization: Bearer <token>' "
+                                        "or 'x-api-key: <token>'",
                                    type="authentication_error", code="invalid_api_key")
         return await handler(request)
 
@@ -125,7 +192,7 @@ class Gateway:
         return web.json_response({"status": "ok", "version": __version__}, dumps=_dumps)
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(model_list(self.router.model_ids()), dumps=_dumps)
+        return web.json_response(model_list(await self.router.model_ids()), dumps=_dumps)
 
     async def get_model(self, request: web.Request) -> web.StreamResponse:
         model_id = request.match_info["model"]
@@ -139,63 +206,83 @@ class Gateway:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         chat = parse_chat_request(await self._read_body(request))
-        route = self.router.resolve(chat.model)
+        route = self._route(chat.model)
+        params = dict(chat.params)
+        if chat.stream and (self.upstream_usage or chat.include_usage):
+            # merged, not replaced: the client's other options (continuous_usage_stats...) still reach it
+            params["stream_options"] = {**chat.stream_options, "include_usage": True}
+        elif chat.stream and chat.stream_options:
+            params["stream_options"] = chat.stream_options
+        call = ChatCall(chat.model, chat.messages, chat.stream, params, {})
+        encoder = ChatChunkEncoder(route.public_id, include_usage=chat.include_usage)
+        return await self._answer(request, route, call, encoder, encoder.completion)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        call = _with_usage(parse_responses_request(await self._read_body(request)))
+        route = self._route(call.model)
+        builder = ResponseBuilder(route.public_id, call.body)
+        return await self._answer(request, route, call, ResponsesEncoder(builder),
+                                  lambda result: builder.response(result, "completed"))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        call = _with_usage(parse_messages_request(await self._read_body(request)))
+        route = self._route(call.model)
+        builder = MessageBuilder(route.public_id)
+        return await self._answer(request, route, call, MessagesEncoder(builder), builder.message)
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        raise GatewayError(501, "token counting is not available: the upstream providers of this gateway "
+                                "cannot count tokens", type="api_error", code="not_implemented")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = parse_embeddings_request(await self._read_body(request))
+        route = self._route(body.get("model"))
+        timeout = self.call_options.get("timeout")
+        return web.json_response(await relay_embeddings(route.provider, route.model, route.public_id, body,
+                                                        timeout), dumps=_dumps)
+
+    def _route(self, model: str | None) -> Route:
+        route = self.router.resolve(model)
         _check_configured(route.provider)
         _note(f"model={route.public_id}")
-        params = dict(chat.params)
-        if self.upstream_usage:
-            params["stream_options"] = {"include_usage": True}  # so usage can be reported to the client
-        elif chat.stream and chat.include_usage:
-            params["stream_options"] = {"include_usage": True}
-        stream = route.provider.stream(route.model, chat.messages, **params, **self.call_options)
-        formatter = CompletionFormatter(route.public_id, include_usage=chat.include_usage)
+        return route
+
+    async def _answer(self, request: web.Request, route: Route, call: ChatCall, encoder: StreamEncoder,
+                      whole: Callable[[ChatResult], dict[str, Any]]) -> web.StreamResponse:
+        """Run ``call`` on the route's provider; stream it through ``encoder`` or answer ``whole``."""
+        stream = route.provider.stream(route.model, call.messages, **call.params, **self.call_options)
         try:
             async with stream:
-                if chat.stream:
-                    return await self._relay(request, stream, formatter, chat)
-                async for _ in stream:
-                    pass
-                assert stream.result is not None
-                return web.json_response(formatter.completion(stream.result), dumps=_dumps)
+                events = stream_events(stream)
+                if call.stream:
+                    return await self._relay(request, events, encoder)
+                accumulator = ChatAccumulator()
+                async for event in events:
+                    accumulator.add(event)
+                return web.json_response(whole(accumulator.result()), dumps=_dumps)
         finally:
             _note(summarize_stats(stream.stats))
 
-    async def _relay(
-        self, request: web.Request, stream: ChatStream, formatter: CompletionFormatter, chat: ChatCompletionRequest
-    ) -> web.StreamResponse:
-        # Wait for the first text (or the end) before sending the head: until then an upstream
-        # error can still be reported with its own status.
-        first: str | None
+    async def _relay(self, request: web.Request, events: AsyncIterator[Event], encoder: StreamEncoder
+                     ) -> web.StreamResponse:
+        channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        await response.prepare(request)
-        try:
-            await response.write(formatter.role() + (formatter.content(first) if first else b""))
-            async for text in stream:
-                await response.write(formatter.content(text))  # one write per chunk: sent as it arrives
-            result = stream.result
-            assert result is not None
-            tail = formatter.finish(result.finish_reason)
-            if chat.include_usage:
-                tail += formatter.usage(result.usage)
-            await response.write(tail + DONE_EVENT)
-            await response.write_eof()
+            await relay(channel, events, encoder)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream stream (``async with`` in the caller).
             _note("client disconnected")
         except Exception as exc:  # NetflyError after the head was sent, or a bug: tell the client in-band
+            if not channel.started:
+                raise  # nothing sent yet: the error middleware answers with the error's own status
             if not isinstance(exc, NetflyError):
                 logger.exception("unexpected error while relaying %s", request.rel_url.raw_path)
             _note(f"{type(exc).__name__} after the stream started")
             try:
-                await response.write(sse_event(describe(exc).body()))
-                await response.write_eof()
+                await channel.send(encoder.error(describe(exc)))
+                await channel.close()
             except ConnectionResetError:
                 _note("client disconnected")
-        return response
+        return channel.response or web.Response(status=499)  # 499: the client left before the head
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.max_body_bytes
@@ -222,14 +309,20 @@ def create_app(
     timeout: Timeout | float | None = None,
     proxy: str | None = None,
     upstream_usage: bool = True,
+    cors_origins: Iterable[str] | None = None,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
 ) -> web.Application:
     """The gateway application.
 
-    ``provider`` (a class or a registered name) serves bare model names; ``providers`` (default:
-    every registered provider) are reachable as ``"name/model"``. ``auth_token``, when set, is
-    required as ``Authorization: Bearer <token>``. ``max_retries``, ``retry_delay``, ``timeout`` and
-    ``proxy`` apply to every upstream call (default: each provider's own). ``upstream_usage`` asks
-    upstreams for token usage (``stream_options.include_usage``) so it can be reported.
+    ``provider`` (a class or a registered name) serves bare model names and is reachable as
+    ``"name/model"``; so are ``providers`` (default: none more). Nothing else is reachable: a
+    built-in preset is exposed only when passed here. ``auth_token``, when set, is required as
+    ``Authorization: Bearer <token>`` (or ``x-api-key: <token>``). ``max_retries``, ``retry_delay``,
+    ``timeout`` and ``proxy`` apply to every upstream call (default: each provider's own).
+    ``upstream_usage`` asks upstreams for token usage (``stream_options.include_usage``) so it can
+    be reported. ``cors_origins`` (default: every origin, ``"*"``; empty: no CORS) are the browser
+    origins allowed. ``keepalive``: seconds of upstream silence before a stream gets a comment line
+    (None: never).
     """
     default = get_provider(provider) if isinstance(provider, str) else provider
     if auth_token is not None and not auth_token.strip():
@@ -242,16 +335,23 @@ def create_app(
         max_body_bytes=max_body_bytes,
         call_options=_call_options(max_retries, retry_delay, timeout, proxy),
         upstream_usage=upstream_usage,
+        cors_origins=cors_origins,
+        keepalive=_keepalive(keepalive),
     )
     app = web.Application(
-        middlewares=[gateway.log_requests, gateway.openai_errors, gateway.require_token],
+        middlewares=[gateway.log_requests, gateway.openai_errors, gateway.cors_preflight, gateway.require_token],
         client_max_size=max_body_bytes,
     )
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(gateway.on_prepare)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_get("/v1/models/{model:.+}", gateway.get_model)
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
+    app.router.add_post("/v1/responses", gateway.responses)
+    app.router.add_post("/v1/messages", gateway.messages)
+    app.router.add_post("/v1/messages/count_tokens", gateway.count_tokens)
+    app.router.add_post("/v1/embeddings", gateway.embeddings)
     app.on_cleanup.append(_close_connections)
     return app
 
@@ -282,6 +382,44 @@ def _call_options(
         Proxy.parse(proxy)
         options["proxy"] = proxy
     return options
+
+
+def _keepalive(seconds: float | None) -> float | None:
+    if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0):
+        raise ConfigurationError(f"keepalive must be a number of seconds >= 0 (0: never), got {seconds!r}")
+    return float(seconds) if seconds else None
+
+
+def _with_usage(call: ChatCall) -> ChatCall:
+    """``call`` asking a streamed upstream for usage: every API but chat always reports it."""
+    if call.stream:
+        call.params["stream_options"] = {"include_usage": True}
+    return call
+
+
+def stream_events(stream: ChatStream) -> AsyncIterator[Event]:
+    """The stream's typed events."""
+    events = getattr(stream, "events", None)
+    if events is not None:
+        return events()  # type: ignore[no-any-return]
+    return _text_events(stream)
+
+
+async def _text_events(stream: ChatStream) -> AsyncIterator[Event]:
+    # Until the engine's events() lands: text only (no tool calls), then finish and usage.
+    first = True
+    async for text in stream:
+        if first:
+            yield ChoiceDelta(role="assistant", text="")
+            first = False
+        yield ChoiceDelta(text=text)
+    result = stream.result
+    assert result is not None
+    if first:
+        yield ChoiceDelta(role="assistant", text="")
+    yield ChoiceDelta(finish_reason=result.finish_reason)
+    if result.usage:
+        yield Usage(result.usage)
 
 
 def _check_configured(provider: type[Provider]) -> None:

@@ -46,8 +46,10 @@ def mark_cut_by_shutdown(task: asyncio.Task[Any], status_sent: int) -> None:
     _cut_by_shutdown[task] = status_sent
 
 
-def access_line(method: str, path: str, status: int, elapsed: float, notes: Sequence[str]) -> str:
-    """``METHOD /path STATUS 12.3ms (note; note)``, each client-given part through :func:`log_field`.
+def access_line(
+    method: str, path: str, status: int, elapsed: float, notes: Sequence[str], *, request_id: str = ""
+) -> str:
+    """``METHOD /path STATUS 12.3ms request_id=… (note; note)``, each client-given part through :func:`log_field`.
 
     Called from the request's own task. A request the server cut at shutdown is logged with the
     status it was sent and the note ``server shutdown``, not as a client that went away (499).
@@ -61,4 +63,5 @@ def access_line(method: str, path: str, status: int, elapsed: float, notes: Sequ
         status = cut_status
         notes = [note for note in notes if note != _DISCONNECTED] + ["server shutdown: cut after the grace period"]
     shown = f" ({'; '.join(log_field(note) for note in notes)})" if notes else ""
-    return f"{log_field(method, 32)} {log_field(path)} {status} {elapsed * 1000:.1f}ms{shown}"
+    rid = f" request_id={log_field(request_id, 64)}" if request_id else ""
+    return f"{log_field(method, 32)} {log_field(path)} {status} {elapsed * 1000:.1f}ms{rid}{shown}"

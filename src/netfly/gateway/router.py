@@ -1,9 +1,10 @@
 """Which provider and model a request's ``model`` field means.
 
 ``"provider/model"`` picks a provider by name (case-insensitive); anything else is a model of the
-default provider. A model whose own name starts with a provider name and a slash (say
-``openai/gpt-oss-20b`` on a vLLM server) is reached through the default provider's prefix:
-``OpenAICompatible/openai/gpt-oss-20b``.
+default provider. Only the providers the operator gave are reachable: never a built-in preset that
+was not named (it would spend the operator's keys, or reach their machine's ports). A model whose
+own name starts with a provider name and a slash (say ``openai/gpt-oss-20b`` on a vLLM server) is
+reached through the default provider's prefix: ``OpenAICompatible/openai/gpt-oss-20b``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import ConfigurationError, ModelNotSupportedError
+from ..errors import ConfigurationError, ModelNotSupportedError, NetflyError
 from ..provider import Provider
-from ..providers import get_provider, provider_names
 from .errors import GatewayError
 
 
@@ -27,9 +27,7 @@ class Route:
 class ModelRouter:
     def __init__(self, default: type[Provider], providers: Mapping[str, type[Provider]] | None = None) -> None:
         self.default = default
-        if providers is None:
-            providers = {name: get_provider(name) for name in provider_names()}
-        self.providers: dict[str, type[Provider]] = {name.lower(): p for name, p in providers.items()}
+        self.providers: dict[str, type[Provider]] = {name.lower(): p for name, p in (providers or {}).items()}
         self.providers[default.name().lower()] = default  # the configured one wins over a registry namesake
 
     def resolve(self, model: str | None, *, param: str = "model") -> Route:
@@ -53,20 +51,22 @@ class ModelRouter:
     def names(self) -> list[str]:
         return sorted(p.name() for p in self.providers.values())
 
-    def model_ids(self) -> list[tuple[str, str]]:
+    async def model_ids(self) -> list[tuple[str, str]]:
         """``(id, owner)`` of every model: the default provider's bare, then every provider's prefixed."""
-        ids = [(model, self.default.name()) for model in _models_of(self.default)]
-        for provider in sorted(self.providers.values(), key=lambda p: p.name().lower()):
-            ids.extend((f"{provider.name()}/{model}", provider.name()) for model in _models_of(provider))
+        listed = {p: await _models_of(p) for p in self.providers.values()}
+        ids = [(model, self.default.name()) for model in listed[self.default]]
+        for provider in sorted(listed, key=lambda p: p.name().lower()):
+            ids.extend((f"{provider.name()}/{model}", provider.name()) for model in listed[provider])
         return ids
 
 
-def _models_of(provider: type[Provider]) -> list[str]:
-    # An empty ``models`` means "any name is passed through": the default model stands for it
-    # (get_model, not default_model: Local knows its model's name only from its configuration).
-    if provider.models:
-        return list(provider.models)
+async def _models_of(provider: type[Provider]) -> list[str]:
+    """The declared models, else the upstream's own ``GET /v1/models`` list, else the default model."""
     try:
-        return [provider.get_model(None)]
+        return await provider.list_models()
+    except NetflyError:
+        pass  # an upstream without a model list (or down): its default model stands for "any name"
+    try:
+        return [provider.get_model(None)]  # get_model: Local knows its model's name from its configuration
     except ConfigurationError:  # no default model, or a provider that cannot run here
         return []

@@ -25,7 +25,7 @@ _BOOLEANS = ("stream", "logprobs", "parallel_tool_calls", "store")
 _STRINGS = ("model", "user", "reasoning_effort", "service_tier")
 _OBJECTS = ("stream_options", "response_format", "logit_bias", "metadata")
 _ARRAYS = ("tools", "functions", "modalities")
-_HANDLED = frozenset({"model", "messages", "stream", "stream_options", "n"})
+_HANDLED = frozenset({"model", "messages", "stream", "stream_options"})
 
 
 @dataclass
@@ -35,15 +35,44 @@ class ChatCompletionRequest:
     stream: bool = False
     include_usage: bool = False
     params: dict[str, Any] = field(default_factory=dict)  # passed to the provider as-is
+    stream_options: dict[str, Any] = field(default_factory=dict)  # the client's, merged with the gateway's
 
 
-def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+@dataclass
+class ChatCall:
+    """A request of any wire API, mapped onto the chat engine."""
+
+    model: str | None
+    messages: list[Any]
+    stream: bool
+    params: dict[str, Any]  # chat body fields for the upstream
+    body: dict[str, Any]  # the request as the client sent it (echoed in some APIs' answers)
+
+
+def load_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
     try:
         body = _json.loads(raw)
     except _json.JSONDecodeError as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise GatewayError(400, f"request body must be a JSON object, got {json_type(body)}")
+    return body
+
+
+def expect_type(body: Mapping[str, Any], name: str, kind: type) -> None:
+    """400 naming ``name`` when it is present, not null and not of ``kind`` (booleans are not ints)."""
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise GatewayError(400, f"field {name!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got "
+                                f"{json_type(value)}", param=name)
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", list: "an array", dict: "an object", bool: "a boolean"}
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    body = load_object(raw)
     forbidden = sorted(FORBIDDEN_FIELDS & body.keys())
     if forbidden:
         raise GatewayError(
@@ -59,9 +88,6 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         raise GatewayError(400, f"field 'messages' must be an array, got {json_type(messages)}", param="messages")
     if not messages:
         raise GatewayError(400, "field 'messages' must not be empty", param="messages")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise GatewayError(400, f"field 'n' must be 1 (one choice per request), got {n}", param="n")
 
     options = body.get("stream_options") or {}
     include_usage = options.get("include_usage", False)
@@ -73,6 +99,7 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
         messages=messages,
         stream=bool(body.get("stream")),
         include_usage=bool(include_usage),
+        stream_options=dict(options),
         params={k: v for k, v in body.items() if k not in _HANDLED and v is not None},
     )
 

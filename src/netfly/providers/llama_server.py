@@ -134,6 +134,8 @@ class ServerConfig:
             # mlock fails or warns without CAP_IPC_LOCK and buys nothing for a small model.
             "--use_mlock", "False",
             "--verbose", str(self.verbose),
+            # Serves POST /v1/embeddings too (the gateway relays it); chat keeps working alongside.
+            "--embedding", "True",
         ]
         if self.chat_format:
             args += ["--chat_format", self.chat_format]

@@ -1,0 +1,107 @@
+"""Streaming one answer to the client: events through an API adapter, onto a server-sent-events body.
+
+The head (status 200) goes out with the first bytes the adapter produces, so an upstream that fails
+before any output is still reported with its own status. While the upstream is silent, a comment
+line is sent every ``keepalive`` seconds so proxies and load balancers keep the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Protocol
+
+from aiohttp import web
+
+from ..events import Event
+from .errors import ErrorInfo
+
+KEEPALIVE_COMMENT = b": keepalive\n\n"
+DEFAULT_KEEPALIVE = 15.0
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tells nginx-style proxies in front not to buffer the stream
+}
+
+
+class StreamEncoder(Protocol):
+    """What every API adapter provides to stream an answer."""
+
+    def start(self) -> bytes: ...  # sent with the head
+    def encode(self, event: Event) -> bytes: ...  # empty when the event shows nothing yet
+    def finish(self) -> bytes: ...
+    def error(self, info: ErrorInfo) -> bytes: ...
+
+
+class SSEChannel:
+    """The streamed response of one request, opened by its first write."""
+
+    def __init__(self, request: web.Request, head: bytes, keepalive: float | None) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self._head = head
+        self._keepalive = keepalive
+        self._clock = asyncio.get_running_loop().time
+        self._last = self._clock()
+        self._opening = False
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None or self._opening
+
+    async def send(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            response = await self._open()
+            data = self._head + data
+        await response.write(data)
+        self._last = self._clock()
+
+    async def _open(self) -> web.StreamResponse:
+        self._opening = True
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(self.request)
+        self.response = response
+        self._opening = False
+        return response
+
+    async def close(self) -> None:
+        if self.response is not None:
+            await self.response.write_eof()
+
+    async def __aenter__(self) -> SSEChannel:
+        if self._keepalive:
+            self._watchdog = asyncio.create_task(self._keep_alive(self._keepalive))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+
+    async def _keep_alive(self, interval: float) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                await asyncio.sleep(max(0.0, self._last + interval - self._clock()))
+                if self._clock() - self._last >= interval and not self._opening:
+                    await self.send(KEEPALIVE_COMMENT)
+
+
+async def relay(channel: SSEChannel, events: AsyncIterator[Event], encoder: StreamEncoder) -> None:
+    """Send every event, then the end; errors before the first byte propagate, later ones are sent
+    in-band by the caller (``channel.started`` tells which)."""
+    encode = encoder.encode
+    send = channel.send
+    async with channel:
+        async for event in events:
+            data = encode(event)
+            if data:
+                await send(data)
+        await send(encoder.finish())
+    await channel.close()
