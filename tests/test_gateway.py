@@ -20,6 +20,7 @@ from aiohttp import web
 import netfly
 from netfly import FreeNetfly, OpenAICompatible, Timeout
 from netfly.gateway import bound_port, create_app, start
+from netfly.providers.local import is_available
 
 from .conftest import ScriptedServer, answer, chunk, sse, stream_bytes
 
@@ -274,11 +275,15 @@ async def test_models_endpoints(scripted: Scripted, gateway: Any) -> None:
 
 
 async def test_health(gateway: Any) -> None:
-    gw = await gateway(OpenAICompatible)
+    local = netfly.Local.configure(name="MyLocal", n_ctx=1234)  # a configuration nothing has started
+    gw = await gateway(OpenAICompatible, providers={"mylocal": local})
     async with aiohttp.ClientSession() as session:
         async with session.get(gw.url + "/health", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
             assert response.status == 200
-            assert (await response.json())["status"] == "ok"
+            body = await response.json()
+    assert body["status"] == "ok" and body["version"] == netfly.__version__
+    state = "not running" if is_available() else "unavailable"
+    assert body["local"]["provider"] == "MyLocal" and body["local"]["state"] == state
 
 
 async def test_every_registered_provider_is_listed_by_default(gateway: Any) -> None:
