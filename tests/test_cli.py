@@ -109,6 +109,7 @@ def test_exit_code_table_is_ordered_most_specific_first() -> None:
     assert cli.exit_code_for(errors.ProxyError("p")) == 6
     assert cli.exit_code_for(errors.ModelNotSupportedError("P", "m", ["a"])) == 2
     assert cli.exit_code_for(errors.StreamInterruptedError("s", "partial")) == 8
+    assert cli.exit_code_for(errors.LocalServerError("the local model server was killed by SIGSEGV")) == 11
 
 
 async def test_stats_are_printed_to_stderr(scripted: Any) -> None:

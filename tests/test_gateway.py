@@ -20,6 +20,7 @@ from aiohttp import web
 import netfly
 from netfly import FreeNetfly, OpenAICompatible, Timeout
 from netfly.gateway import create_app
+from netfly.providers.local import is_available
 
 from .conftest import TOKEN, Gateway, ScriptedServer, answer, chunk, sse, stream_bytes
 
@@ -243,11 +244,15 @@ async def test_models_endpoints(scripted: Scripted, gateway: Any) -> None:
 
 
 async def test_health(gateway: Any) -> None:
-    gw = await gateway(OpenAICompatible)
+    local = netfly.Local.configure(name="MyLocal", n_ctx=1234)  # a configuration nothing has started
+    gw = await gateway(OpenAICompatible, providers={"mylocal": local})
     async with aiohttp.ClientSession() as session:
         async with session.get(gw.url + "/health", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
             assert response.status == 200
-            assert (await response.json())["status"] == "ok"
+            body = await response.json()
+    assert body["status"] == "ok" and body["version"] == netfly.__version__
+    state = "not running" if is_available() else "unavailable"
+    assert body["local"]["provider"] == "MyLocal" and body["local"]["state"] == state
 
 
 async def test_only_the_chosen_providers_are_reachable(scripted: Scripted, gateway: Any) -> None:

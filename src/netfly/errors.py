@@ -17,6 +17,8 @@ Every error netfly raises is a :class:`NetflyError`::
     │   ├── StreamInterruptedError    cut after text was delivered (``.partial_text``)
     │   └── StreamDecodeError         bytes that are not a valid event stream
     ├── UpstreamError                 the server reported an error inside the answer
+    ├── LocalServerError              the local model's llama.cpp child died, failed to start, or is
+    │                                 not restarted after repeated crashes (``.returncode``, ``.log_path``)
     ├── CircuitOpenError              a routed provider skipped while it cools down after failures
     └── AllProvidersFailedError       a routed request failed on every provider (``.errors``)
 
@@ -143,6 +145,34 @@ class UpstreamError(NetflyError):
         self.code = code
         self.type = type
         super().__init__(message)
+
+
+class LocalServerError(NetflyError):
+    """The local model's server (the llama.cpp child process) failed at run time.
+
+    It was killed by a signal or exited (``returncode``: negative for a signal, as in
+    :mod:`subprocess`), did not answer in time at start-up, or crashed so often that it is not
+    restarted for now (``retry_after``: seconds until it is tried again). ``reason`` says which,
+    ``log_path`` is the server's log and ``log_tail`` its last lines (the child holds no secrets).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        log_path: str | None = None,
+        log_tail: Sequence[str] = (),
+        returncode: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.reason = reason
+        self.log_path = log_path
+        self.log_tail = tuple(log_tail)
+        self.returncode = returncode
+        self.retry_after = retry_after
+        log = f"; log: {log_path}" if log_path else ""
+        tail = f"; last lines: {' | '.join(self.log_tail)}" if self.log_tail else ""
+        super().__init__(f"{reason}{log}{tail}")
 
 
 class CircuitOpenError(NetflyError):

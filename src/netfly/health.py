@@ -19,6 +19,7 @@ from .transport import Timeout
 
 if TYPE_CHECKING:
     from .provider import Provider
+    from .providers.llama_server import EngineState
 
 CHECK_MESSAGES = ({"role": "user", "content": "Say OK."},)
 DEFAULT_CHECK_TIMEOUT = 10.0
@@ -32,6 +33,8 @@ class HealthResult:
     whole call in seconds, ``time_to_first_token`` the wait for the first text (``None`` when the
     one-token answer carried no text). ``served_by`` names the provider that answered (for a router,
     the one it picked). ``declared`` is the provider's ``working`` attribute, for comparison.
+    ``engine`` is, for a provider that runs its own engine (``Local``), that engine's state after
+    the check ("ready (pid 1234)", "crashed: the local model server was killed by SIGSEGV").
     """
 
     provider: str
@@ -42,6 +45,7 @@ class HealthResult:
     served_by: str | None = None
     model: str | None = None
     declared: bool = False
+    engine: str | None = None
 
 
 async def check_provider(
@@ -77,6 +81,7 @@ async def check_provider(
             served_by=None,
             model=stats.model if stats else None,
             declared=provider.working,
+            engine=_engine_text(provider),
         )
     return HealthResult(
         provider=provider.name(),
@@ -86,7 +91,19 @@ async def check_provider(
         served_by=stats.provider,
         model=stats.model,
         declared=provider.working,
+        engine=_engine_text(provider),
     )
+
+
+def engine_state(provider: type[Provider]) -> EngineState | None:
+    """The state of the engine ``provider`` runs itself (``Local``'s child); ``None`` for others."""
+    state = getattr(provider, "engine_state", None)
+    return state() if callable(state) else None
+
+
+def _engine_text(provider: type[Provider]) -> str | None:
+    state = engine_state(provider)
+    return str(state) if state is not None else None
 
 
 async def check_all(providers: Iterable[type[Provider]], **options: Any) -> list[HealthResult]:
@@ -105,7 +122,7 @@ def format_health_table(results: Sequence[HealthResult]) -> str:
             "ok" if result.ok else "FAILED",
             f"{result.latency * 1000:.0f} ms",
             result.served_by or "-",
-            (result.error or (f"model {result.model}" if result.model else "")).replace("\n", " "),
+            _detail(result),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = []
@@ -113,6 +130,13 @@ def format_health_table(results: Sequence[HealthResult]) -> str:
         padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
         lines.append("  ".join([*padded, row[-1]]).rstrip())
     return "\n".join(lines)
+
+
+def _detail(result: HealthResult) -> str:
+    detail = result.error or (f"model {result.model}" if result.model else "")
+    if result.engine:
+        detail += f" (engine {result.engine})" if detail else f"engine {result.engine}"
+    return " ".join(detail.split())
 
 
 def summarize_stats(stats: StreamStats) -> str:

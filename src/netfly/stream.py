@@ -20,6 +20,7 @@ import aiohttp
 from . import _json
 from .chunks import ChatResult, ChunkInterpreter, error_message_from_body
 from .errors import (
+    LocalServerError,
     NetflyError,
     NetflyTimeoutError,
     ProxyError,
@@ -162,7 +163,7 @@ class ChatStream:
                             self._parts.append(text)
                             yield text
                 except NetflyError as exc:
-                    error: NetflyError = _scrub_error(exc, request.secrets)
+                    error: NetflyError = await self._explain(_scrub_error(exc, request.secrets))
                 else:
                     record.duration = time.monotonic() - attempt_started
                     self.result = interpreter.result(self.text)
@@ -173,9 +174,10 @@ class ChatStream:
                 record.error = f"{type(error).__name__}: {error}"
                 record.status = getattr(error, "status", None)
                 if self._parts:
-                    # Text already reached the caller: a retry would repeat it. Only a cut stream is
-                    # an interruption; an in-stream error or a decode error keeps its own type.
-                    if not isinstance(error, TransportError):
+                    # Text already reached the caller: a retry would repeat it. Only a cut stream
+                    # (the local server's death included) is an interruption; an in-stream error or
+                    # a decode error keeps its own type.
+                    if not isinstance(error, (TransportError, LocalServerError)):
                         raise error
                     raise StreamInterruptedError(
                         f"{request.provider}: stream interrupted after {len(self.text)} characters: {error}",
@@ -193,6 +195,11 @@ class ChatStream:
                 await asyncio.sleep(delay)
         finally:
             stats.duration = time.monotonic() - started
+
+    async def _explain(self, error: NetflyError) -> NetflyError:
+        """A failed attempt's error, or a truer one: a hook for streams that know their server
+        (``Local``'s replaces a cut connection with the child's crash, which is not retried)."""
+        return error
 
     async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncGenerator[str, None]:
         request = self.request

@@ -37,6 +37,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (errors.StreamError, 8),
     (errors.UpstreamError, 9),
     (errors.AllProvidersFailedError, 10),
+    (errors.LocalServerError, 11),
     (errors.NetflyError, 1),
 )
 EXIT_INTERRUPTED = 130

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import cast
 
-from ..errors import NetflyError
+from ..errors import LocalServerError
 from ..providers.llama_server import MODEL_ENV
 from ..providers.local import Local
 
@@ -68,15 +68,15 @@ def serve_command(args: argparse.Namespace) -> int:
         err.flush()
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
-        code = server.wait()
+        server.wait()
+        error = server.crash() or LocalServerError("the local model server exited on its own")
     except KeyboardInterrupt:
         err.write("netfly: local model server stopped\n")
         return 0
     finally:
-        log = server.log_path
         server.stop()
         restore()
-    raise NetflyError(f"local model server exited on its own (exit code {code}); log: {log}")
+    raise error
 
 
 def _stop_on_sigterm() -> Callable[[], None]:

@@ -24,7 +24,7 @@ from .. import _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event, Usage
-from ..health import summarize_stats
+from ..health import engine_state, summarize_stats
 from ..provider import Provider
 from ..providers import get_provider
 from ..stream import ChatStream
@@ -189,7 +189,19 @@ class Gateway:
     # -- handlers ------------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok", "version": __version__}, dumps=_dumps)
+        body: dict[str, Any] = {"status": "ok", "version": __version__}
+        local = self._local_engine()
+        if local is not None:
+            body["local"] = local
+        return web.json_response(body, dumps=_dumps)
+
+    def _local_engine(self) -> dict[str, Any] | None:
+        """The state of the local model's engine (the default provider's, else any routed one's)."""
+        for provider in (self.router.default, *self.router.providers.values()):
+            state = engine_state(provider)
+            if state is not None:
+                return {"provider": provider.name(), **state.as_dict()}
+        return None
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(model_list(await self.router.model_ids()), dumps=_dumps)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import (
     AuthenticationError,
     ConfigurationError,
+    LocalServerError,
     ModelNotSupportedError,
     NetflyError,
     NetflyTimeoutError,
@@ -74,8 +75,9 @@ def describe(error: BaseException) -> ErrorInfo:
     """The status and OpenAI-style error for ``error``.
 
     Client mistakes are 400; upstream refusals keep their meaning (401, 404, 429); an upstream that
-    failed or could not be reached is 502; an upstream that was too slow is 504. Anything else is a
-    bug of the gateway: 500 with no details (the caller logs the traceback).
+    failed or could not be reached is 502; an upstream that was too slow is 504; the local model's
+    server crashed (or is not restarted for now: ``Retry-After``) is 503. Anything else is a bug of
+    the gateway: 500 with no details (the caller logs the traceback).
     """
     if isinstance(error, GatewayError):
         return ErrorInfo(error.status, error.message, error.type, error.param, error.code)
@@ -92,6 +94,8 @@ def describe(error: BaseException) -> ErrorInfo:
                          "authentication_error", None, "upstream_authentication_failed")
     if isinstance(error, ResponseStatusError):
         return _describe_status(error)
+    if isinstance(error, LocalServerError):
+        return ErrorInfo(503, str(error), "server_error", None, "local_model_unavailable", error.retry_after)
     if isinstance(error, NetflyTimeoutError):
         return ErrorInfo(504, str(error), "timeout_error", None, "upstream_timeout")
     if isinstance(error, TransportError):

@@ -5,6 +5,12 @@ plain threads and processes, so the sync API's background loop, ``asyncio.run`` 
 see the same child. The first caller spawns it; a watcher thread polls until it answers over HTTP,
 it exits early, or the deadline passes, and settles a future that every caller waits on.
 
+A child that dies (a signal, an exit code) is a :class:`LocalServerError` naming how it ended, its
+log and the log's last lines, never a retry against a dead port. The next call starts a new child,
+unless ``restart_limit`` failures in a row fell within ``restart_window`` seconds: then no child is
+spawned and the same error is raised until the window has passed, :meth:`LlamaServer.stop` is
+called, or (after a restart) an answer succeeds.
+
 No orphan is left behind:
 
 - the child watches a pipe from us (see ``_llama_child.py``) and exits when it closes, which the
@@ -23,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,9 +37,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
-from ..errors import ConfigurationError, NetflyError, NetflyTimeoutError
+from ..errors import ConfigurationError, LocalServerError, NetflyError
 
 logger = logging.getLogger("netfly.local")
 
@@ -49,6 +56,10 @@ _TEMP_LOG_ENV = "NETFLY_LOCAL_TEMP_LOG"  # read by _llama_child.py
 _POLL_INTERVAL = 0.05
 _PROBE_TIMEOUT = 1.0
 _STOP_GRACE = 5.0
+# A cut connection can be seen a moment before the dying child can be reaped.
+_EXIT_GRACE = 1.0
+_TAIL_LINES = 5
+_TAIL_LINE_CHARS = 240
 
 
 _found: dict[str, str] = {}  # positive look-ups only: an install in a running process is still seen
@@ -116,6 +127,8 @@ class ServerConfig:
     verbose: bool = False
     log_path: str | None = None  # None: a temporary file, removed after a clean stop
     extra_args: tuple[str, ...] = ()
+    restart_limit: int = 3  # failures in a row within restart_window s before restarts pause
+    restart_window: float = 60.0
 
     def command(self, port: int) -> list[str]:
         threads = str(self.n_threads or default_threads())
@@ -142,6 +155,25 @@ class ServerConfig:
         return args + list(self.extra_args)
 
 
+@dataclass(frozen=True)
+class EngineState:
+    """What the child is doing: ``"not running"``, ``"starting"``, ``"ready"`` or ``"crashed"``
+    (its last child died or never answered; ``reason`` says how), or ``"unavailable"`` (cannot run
+    here: ``reason`` says why)."""
+
+    state: str
+    reason: str | None = None
+    pid: int | None = None
+    log_path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason, "pid": self.pid, "log": self.log_path}
+
+    def __str__(self) -> str:
+        detail = f" (pid {self.pid})" if self.pid is not None else ""
+        return f"{self.state}{detail}: {self.reason}" if self.reason else f"{self.state}{detail}"
+
+
 class LlamaServer:
     """One child ``llama_cpp.server``: started on demand, restarted if it died, stopped on request."""
 
@@ -150,11 +182,14 @@ class LlamaServer:
         self.connect_host = _connect_host(config.host)
         self.port = config.port or _free_port(self.connect_host)
         self.startup_seconds: float | None = None  # of the last successful start
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
         self._ready: concurrent.futures.Future[None] | None = None
         self._log_path: str | None = None
         self._temporary_log = False
+        self._crash: LocalServerError | None = None  # how the last child failed, until a success
+        self._crashed: subprocess.Popen[bytes] | None = None  # the child it is about
+        self._crash_times: list[float] = []  # of the failures in a row, within restart_window
 
     def __repr__(self) -> str:
         return f"LlamaServer({self.config.model_alias!r}, {self.base_url!r}, pid={self.pid})"
@@ -188,38 +223,43 @@ class LlamaServer:
     def start(self, timeout: float) -> concurrent.futures.Future[None]:
         """Spawn the child unless it is running or starting; the future settles when it answers.
 
-        Failures settle the future with :class:`ConfigurationError` (the child exited: bad model,
-        port taken...) or :class:`NetflyTimeoutError` (no answer within ``timeout`` s); both name
-        the log file.
+        Failures settle the future with :class:`LocalServerError` naming the log (the child exited,
+        or gave no answer within ``timeout`` s). While restarts are paused (see the module's
+        docstring) it is raised at once and nothing is spawned.
         """
         with self._lock:
             process, ready = self._process, self._ready
+            restart_note = ""
             if process is not None and ready is not None:
                 if not ready.done():
                     return ready  # starting: the watcher settles it, failures included
-                worked = ready.exception() is None
-                if worked and process.poll() is None:
-                    return ready
-                if worked:
-                    logger.warning(
-                        "local model server (pid %d) exited with code %s; starting it again (log: %s)",
-                        process.pid, process.returncode, self._log_path,
-                    )
+                if ready.exception() is None:
+                    crash = self._exited(process)
+                    if crash is None:
+                        return ready
+                    restart_note = f"{crash.reason} (pid {process.pid}); starting it again"
                 _terminate(process)  # reaps it
+            self._raise_if_paused()
+            if restart_note:
+                logger.warning("%s", restart_note)
             return self._spawn(timeout)
 
     def start_sync(self, timeout: float) -> None:
         """Start (or reuse) the child and block until it answers."""
         self.start(timeout).result()
 
-    async def ensure_started(self, timeout: float) -> None:
-        """Start (or reuse) the child and wait until it answers, from any event loop."""
-        ready = self.start(timeout)
+    async def ensure_started(self, timeout: float) -> subprocess.Popen[bytes]:
+        """Start (or reuse) the child and wait until it answers, from any event loop; the child."""
+        with self._lock:
+            ready = self.start(timeout)
+            child = self._process
         if not ready.done():
             # Safe to cancel: the concurrent future is marked running, so cancelling this wait
             # leaves the start going for the other callers.
             await asyncio.wrap_future(ready)
         ready.result()
+        assert child is not None  # a settled start always had a child
+        return child
 
     def _spawn(self, timeout: float) -> concurrent.futures.Future[None]:
         config = self.config
@@ -241,7 +281,7 @@ class LlamaServer:
                     close_fds=True,
                 )
             except OSError as exc:
-                raise ConfigurationError(f"cannot start the local model server ({command[0]}): {exc}") from None
+                raise LocalServerError(f"cannot start the local model server ({command[0]}): {exc}") from None
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         ready.set_running_or_notify_cancel()  # so a waiter's cancellation cannot cancel it for all
         self._process, self._ready = process, ready
@@ -286,10 +326,13 @@ class LlamaServer:
     ) -> None:
         try:
             self._wait_until_answering(process, ready, started + timeout, timeout)
-        except NetflyError as exc:
-            ready.set_exception(exc)
-        except Exception as exc:  # waiters must never hang on an unexpected failure
-            ready.set_exception(NetflyError(f"local model server: startup check failed: {exc!r}"))
+        except Exception as exc:  # waiters must never hang, whatever failed
+            error = exc if isinstance(exc, LocalServerError) else LocalServerError(
+                f"the local model server's startup check failed: {exc!r}", log_path=self._log_path
+            )
+            if self._ready is ready:  # not stopped meanwhile
+                self._note_crash(process, error)
+            ready.set_exception(error)
         else:
             self.startup_seconds = time.monotonic() - started
             logger.info("local model %s ready in %.2f s", self.config.model_alias, self.startup_seconds)
@@ -299,41 +342,111 @@ class LlamaServer:
         self, process: subprocess.Popen[bytes], ready: concurrent.futures.Future[None], deadline: float,
         timeout: float,
     ) -> None:
-        log = self._log_path
         while True:
             code = process.poll()
             if code is not None:
                 if self._ready is not ready:
-                    raise NetflyError("local model server was stopped while starting")
-                raise ConfigurationError(
-                    f"local model server exited during startup (exit code {code}): {_last_error(log)}; "
-                    f"full log: {log}"
-                )
+                    raise LocalServerError("the local model server was stopped while starting")
+                raise self._failure(f"the local model server {describe_exit(code)} during startup", code)
             if _answers(self.connect_host, self.port, self.config.model_alias):
                 return
             if time.monotonic() >= deadline:
                 _terminate(process)
-                raise NetflyTimeoutError(
-                    f"local model server did not answer within {timeout:g} s "
-                    f"(model {self.config.model_path}); log: {log}",
-                    "startup",
+                raise self._failure(
+                    f"the local model server did not answer within {timeout:g} s (model {self.config.model_path})"
                 )
             time.sleep(_POLL_INTERVAL)
+
+    # -- crashes -----------------------------------------------------------------------------------
+
+    def state(self) -> EngineState:
+        """What the child is doing now; cheap (it polls the process, nothing else)."""
+        with self._lock:
+            process, ready = self._process, self._ready
+            if process is not None and ready is not None:
+                if not ready.done():
+                    return EngineState("starting", pid=process.pid, log_path=self._log_path)
+                if ready.exception() is None and self._exited(process) is None:
+                    return EngineState("ready", pid=process.pid, log_path=self._log_path)
+            crash, paused = self._crash, self._paused_for()
+        if crash is None:
+            return EngineState("not running")
+        pause = f"; restarts paused for {paused:.0f} s" if paused > 0 else ""
+        return EngineState("crashed", reason=crash.reason + pause, log_path=crash.log_path)
+
+    def crash(self) -> LocalServerError | None:
+        """How the current child ended, if it exited on its own (``None`` while it runs)."""
+        process = self._process
+        return self._exited(process) if process is not None else None
+
+    async def exit_error(self, child: subprocess.Popen[bytes], wait: bool = True) -> LocalServerError | None:
+        """A fresh error for ``child``'s crash, if it died (not stopped by us); ``wait``: give it
+        a moment to be reapable, since a cut connection is seen slightly before."""
+        deadline = time.monotonic() + (_EXIT_GRACE if wait else 0.0)
+        while child.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_INTERVAL / 2)
+        crash = self._exited(child)
+        return _fresh(crash) if crash is not None else None
+
+    def answered(self) -> None:
+        """An answer succeeded: the failures in a row are forgotten."""
+        with self._lock:
+            self._crash, self._crash_times = None, []
+
+    def _exited(self, process: subprocess.Popen[bytes]) -> LocalServerError | None:
+        """``process``'s crash, noted once; ``None`` while it runs or when we stopped it."""
+        with self._lock:
+            if process is self._crashed:
+                return self._crash
+            if process is not self._process or process.poll() is None:
+                return None
+            code = process.returncode
+            return self._note_crash(process, self._failure(f"the local model server {describe_exit(code)}", code))
+
+    def _failure(self, reason: str, code: int | None = None) -> LocalServerError:
+        log = self._log_path
+        return LocalServerError(reason, log_path=log, log_tail=_log_tail(log), returncode=code)
+
+    def _note_crash(self, process: subprocess.Popen[bytes], error: LocalServerError) -> LocalServerError:
+        with self._lock:
+            now = time.monotonic()
+            window = self.config.restart_window
+            self._crash, self._crashed = error, process
+            self._crash_times = [t for t in self._crash_times if now - t < window] + [now]
+        return error
+
+    def _paused_for(self) -> float:
+        """Seconds until a child may be spawned again (0: now)."""
+        limit, times = self.config.restart_limit, self._crash_times
+        if len(times) < limit:
+            return 0.0
+        return max(0.0, times[-limit] + self.config.restart_window - time.monotonic())
+
+    def _raise_if_paused(self) -> None:
+        crash, paused = self._crash, self._paused_for()
+        if crash is not None and paused > 0:
+            config = self.config
+            raise _fresh(
+                crash,
+                f"{crash.reason}; not restarted: {config.restart_limit} failures in a row within "
+                f"{config.restart_window:g} s (next try in {paused:.0f} s, or after Local.stop())",
+                retry_after=paused,
+            )
 
     # -- stopping ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop the child (if any) and wait for it; the server can be started again later."""
         with self._lock:
-            process, self._process = self._process, None
-            ready, self._ready = self._ready, None
+            process, self._process, self._ready = self._process, None, None
+            failed = self._crash is not None
+            self._crash, self._crash_times = None, []
         if process is None:
             return
         _terminate(process)
-        failed = ready is not None and ready.done() and ready.exception() is not None
         if not failed and self._temporary_log and self._log_path:
             # The log of a server that worked (or whose start we cut short) is of no further use;
-            # a failed start's log is kept because its error message points at it.
+            # a failed child's log is kept because its error message points at it.
             try:
                 os.remove(self._log_path)
             except OSError:
@@ -447,20 +560,35 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _last_error(log: str | None) -> str:
-    """The line of the log that best says why the child failed."""
+def describe_exit(code: int) -> str:
+    """``"was killed by SIGSEGV"`` or ``"exited with status 1"``, from a process's return code."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}"
+
+
+def _log_tail(log: str | None) -> list[str]:
+    """The log's last non-empty lines, each clipped: enough to say why, bounded for a message."""
     if not log:
-        return "no log"
+        return []
     try:
         with open(log, "rb") as file:
             file.seek(0, os.SEEK_END)
             file.seek(max(0, file.tell() - 16384))
-            lines = [line.strip() for line in file.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            text = file.read().decode("utf-8", "replace")
     except OSError:
-        return "log unreadable"
-    if not lines:
-        return "no output"
-    for line in reversed(lines):
-        if "error" in line.lower():
-            return line
-    return lines[-1]
+        return ["(log unreadable)"]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return [line[:_TAIL_LINE_CHARS] for line in lines[-_TAIL_LINES:]]
+
+
+def _fresh(error: LocalServerError, reason: str | None = None, retry_after: float | None = None) -> LocalServerError:
+    """A new error with ``error``'s details: every caller raises its own (traceback, ``__cause__``)."""
+    return LocalServerError(
+        reason or error.reason, log_path=error.log_path, log_tail=error.log_tail,
+        returncode=error.returncode, retry_after=retry_after,
+    )

@@ -10,6 +10,10 @@ answers; every call then goes through the normal OpenAI-compatible engine (SSE d
 timeouts) to that port. ``Local.stop()`` / ``await Local.aclose()`` stop the child, and so does the
 end of the interpreter, however it ends (see :mod:`netfly.providers.llama_server`).
 
+If the child dies, the call gets :class:`~netfly.errors.LocalServerError` (before any text) or
+:class:`~netfly.errors.StreamInterruptedError` with it as ``__cause__`` (after some), and the next
+call starts a new child, within a bound: see :mod:`netfly.providers.llama_server`.
+
 Progress is logged on ``logging.getLogger("netfly.local")`` at INFO: "starting local model ..."
 when a child is spawned, "local model ... ready in N s" when it answers.
 """
@@ -18,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, NetflyError, NetflyTimeoutError, TransportError
 from ..stream import ChatRequest, ChatStream
 from .llama_server import (
     INSTALL_HINT,
     MODEL_ENV,
+    EngineState,
     LlamaServer,
     ServerConfig,
     bundled_model,
@@ -35,7 +41,7 @@ from .llama_server import (
 )
 from .openai_compatible import OpenAICompatible
 
-__all__ = ["LlamaServer", "Local", "is_available"]
+__all__ = ["EngineState", "LlamaServer", "Local", "is_available"]
 
 
 def is_available() -> bool:
@@ -65,6 +71,10 @@ class Local(OpenAICompatible):
     log_path: ClassVar[str | None] = None  # None: $NETFLY_LOCAL_LOG, else a temporary file
     verbose: ClassVar[bool] = False  # llama.cpp's load and timing output in the log
     startup_timeout: ClassVar[float] = 60.0  # seconds for the child to answer
+    # After this many failed children in a row within restart_window s, none is started until the
+    # window has passed or stop() is called: a build that crashes at once fails fast, not in a loop.
+    restart_limit: ClassVar[int] = 3
+    restart_window: ClassVar[float] = 60.0
 
     # -- the child server ----------------------------------------------------------------------
 
@@ -107,6 +117,8 @@ class Local(OpenAICompatible):
             verbose=cls.verbose,
             log_path=cls.log_path,
             extra_args=tuple(cls.server_args),
+            restart_limit=cls.restart_limit,
+            restart_window=cls.restart_window,
         )
 
     @classmethod
@@ -124,6 +136,15 @@ class Local(OpenAICompatible):
         return server is not None and server.running
 
     @classmethod
+    def engine_state(cls) -> EngineState:
+        """The child's state (not running, starting, ready, crashed with its reason); starts nothing."""
+        try:
+            server = existing_server(cls.server_config())
+        except ConfigurationError as exc:
+            return EngineState("unavailable", reason=str(exc))
+        return server.state() if server is not None else EngineState("not running")
+
+    @classmethod
     async def start(cls) -> LlamaServer:
         """Start the child now (or reuse it) and wait until it answers."""
         server = cls.server()
@@ -132,7 +153,8 @@ class Local(OpenAICompatible):
 
     @classmethod
     def stop(cls) -> None:
-        """Stop this configuration's child, if one runs; the next call starts it again."""
+        """Stop this configuration's child, if one runs; the next call starts it again (even while
+        restarts are paused after crashes)."""
         try:
             server = existing_server(cls.server_config())
         except ConfigurationError:
@@ -171,17 +193,32 @@ class Local(OpenAICompatible):
 class _StartingStream(ChatStream):
     """A :class:`ChatStream` that first makes sure the child answers; the rest is the normal engine.
 
-    The wait is outside the stream's retries and total timeout: it has its own deadline.
+    The wait is outside the stream's retries and total timeout: it has its own deadline. A cut
+    connection to a child that died becomes the child's :class:`LocalServerError` (not retried); a
+    complete answer tells the server that it works.
     """
 
     def __init__(self, request: ChatRequest, server: LlamaServer, startup_timeout: float) -> None:
         super().__init__(request)
         self._server = server
         self._startup_timeout = startup_timeout
-        self._started = False
+        self._child: subprocess.Popen[bytes] | None = None
 
     async def __anext__(self) -> str:
-        if not self._started:
-            await self._server.ensure_started(self._startup_timeout)
-            self._started = True
-        return await super().__anext__()
+        if self._child is None:
+            self._child = await self._server.ensure_started(self._startup_timeout)
+        try:
+            return await super().__anext__()
+        except StopAsyncIteration:
+            if self.result is not None:
+                self._server.answered()
+            raise
+
+    async def _explain(self, error: NetflyError) -> NetflyError:
+        if self._child is None or not isinstance(error, TransportError):
+            return error
+        crash = await self._server.exit_error(self._child, wait=not isinstance(error, NetflyTimeoutError))
+        if crash is None:
+            return error
+        crash.__cause__ = error
+        return crash
