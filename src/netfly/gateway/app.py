@@ -24,7 +24,7 @@ from .. import _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event, Usage
-from ..health import engine_state, summarize_stats
+from ..health import engine_state
 from ..provider import Provider
 from ..providers import get_provider
 from ..stream import ChatStream
@@ -39,6 +39,7 @@ from .relay import DEFAULT_KEEPALIVE, SSEChannel, StreamEncoder, relay
 from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_request
 from .router import ModelRouter, Route
 from .schema import ChatCall, parse_chat_request
+from .stats_line import summarize_stats
 
 logger = logging.getLogger("netfly.gateway")
 
