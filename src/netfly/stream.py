@@ -132,13 +132,7 @@ class ChatStream:
         while True:
             item = await self._next_item()
             if isinstance(item, str):
-                # _note_text, inlined: this is the path of nearly every chunk of the seed's API.
-                stats = self.stats
-                if stats.time_to_first_token is None:
-                    stats.time_to_first_token = time.monotonic() - self._started
-                stats.chunks += 1
-                stats.characters += len(item)
-                self._parts.append(item)
+                self._note_text(item)
                 return item
             text = self._note_events(item)
             if text:
