@@ -28,7 +28,7 @@ from .events import ChatResult, Event
 from .health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_provider
 from .messages import validate_messages
 from .retry import RetryPolicy
-from .sse import DEFAULT_MAX_LINE_BYTES
+from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from .stream import ChatRequest, ChatStream, PreparedCall
 from .transport import Proxy, Timeout, fetch_json
 
@@ -37,7 +37,7 @@ P = TypeVar("P", bound="Provider")
 # Per-call keyword arguments that configure the call instead of going into the request body.
 CALL_OPTIONS = frozenset({
     "timeout", "max_attempts", "max_retries", "retry_delay", "retry_policy", "headers", "api_key", "strict",
-    "max_line_bytes", "extra_body",
+    "max_line_bytes", "max_event_bytes", "extra_body",
 })
 # Request-body fields of OpenAI's and common servers' chat APIs: never mistaken for a typo of a call
 # option, however close their names.
@@ -214,6 +214,7 @@ class Provider:
             retry=_retry_policy(cls, options),
             strict=options.get("strict", False),
             max_line_bytes=options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
+            max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             secrets=tuple(s for s in (api_key, parsed_proxy.password if parsed_proxy else None) if s),
             payload=payload,
         )
@@ -336,8 +337,9 @@ def _call_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         value = options.get(name)
         if value is not None and not isinstance(value, kind):
             raise ConfigurationError(f"{name} must be a {kind.__name__}, got {type(value).__name__}", param=name)
-    if "max_line_bytes" in options:
-        _checks.whole("max_line_bytes", options["max_line_bytes"], unit="bytes")
+    for limit in ("max_line_bytes", "max_event_bytes"):
+        if limit in options:
+            _checks.whole(limit, options[limit], unit="bytes")
     return options
 
 

@@ -33,7 +33,7 @@ from .errors import (
 from .events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .redact import redact_headers, scrub
 from .retry import RetryPolicy
-from .sse import DEFAULT_MAX_LINE_BYTES, SSEDecoder
+from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
 from .transport import Proxy, SessionPool, StreamingResponse, Timeout, open_stream
 
 logger = logging.getLogger("netfly")
@@ -54,6 +54,7 @@ class ChatRequest:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     strict: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     secrets: tuple[str, ...] = ()
     payload: bytes = b""  # the serialised body; built once by the provider
 
@@ -319,7 +320,7 @@ class ChatStream:
                 raise UpstreamError(
                     f"{request.provider}: expected an event stream, got an HTML page: {snippet[:200]!r}"
                 )
-            decoder = SSEDecoder(request.max_line_bytes)
+            decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
             interpret = interpreter.interpret
             async for raw in response:
                 for event in decoder.feed(raw):
