@@ -185,8 +185,8 @@ async def test_call_options_are_not_body_fields(scripted: Any) -> None:
 @pytest.mark.parametrize(
     ("option", "value"),
     [("max_retries", 0), ("max_retries", "3"), ("max_attempts", True), ("retry_delay", -1), ("timeout", -5),
-     ("timeout", "soon"), ("headers", ["X-A: 1"]), ("max_line_bytes", 0), ("max_line_bytes", True), ("max_event_bytes", -1),
-     ("strict", "yes"), ("extra_body", ["a"])],
+     ("timeout", "soon"), ("headers", ["X-A: 1"]), ("max_line_bytes", 0), ("max_line_bytes", True),
+     ("max_event_bytes", -1), ("strict", "yes"), ("extra_body", ["a"])],
 )
 async def test_bad_call_options_fail_before_any_io(scripted: Any, option: str, value: Any) -> None:
     server = await scripted(_hello)
