@@ -421,6 +421,16 @@ async def test_malformed_json_raises_in_strict_mode(scripted: Start) -> None:
     assert len(server.requests) == 1
 
 
+async def test_an_event_over_max_event_bytes_raises_stream_decode_error(scripted: Start) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await stream_bytes(request, b"data: xxxxxxxx\n" * 64 + b"\n")
+
+    server = await scripted(handler)
+    with pytest.raises(StreamDecodeError, match="more than 256 bytes of data"):
+        await server.provider().create_async(None, MESSAGES, max_event_bytes=256)
+    assert len(server.requests) == 1
+
+
 async def test_oversized_line_raises_stream_decode_error(scripted: Start) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await stream_bytes(request, b"data: " + b"x" * 4096 + b"\n\n")

@@ -138,7 +138,8 @@ async def test_raw_stream_is_openai_chunk_format_ending_in_done(scripted: Script
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     objects = [json.loads(e[len("data: "):]) for e in events[:-1]]
-    assert [o["choices"][0]["delta"] for o in objects] == [{"role": "assistant", "content": ""}, {"content": "Hi"}, {}]
+    # each upstream delta relayed as it was sent (the upstream's role chunk has no content)
+    assert [o["choices"][0]["delta"] for o in objects] == [{"role": "assistant"}, {"content": "Hi"}, {}]
     assert [o["choices"][0]["finish_reason"] for o in objects] == [None, None, "stop"]
 
 

@@ -259,8 +259,6 @@ def test_fuzzed_header_bytes_never_get_a_500(served: _Served, auth: bytes, conte
     _no_error_logged(served)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a body field named 'cls' collides with Provider.stream's "
-                                       "parameter (fixed by the engine's extra_body)")
 def test_a_body_field_named_cls_is_not_a_500(served: _Served) -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "cls": 1}).encode()
     try:

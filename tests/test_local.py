@@ -446,7 +446,8 @@ def test_the_cli_names_a_crashed_local_model_in_one_line_with_its_exit_code(tmp_
 
 @needs_local
 async def test_check_reports_the_engine_state() -> None:
-    from netfly.health import check_provider, format_health_table
+    from netfly.cli.format import format_health_table
+    from netfly.health import check_provider
 
     provider = configured(n_ctx=1700)
     try:

@@ -13,13 +13,17 @@ import pytest
 from aiohttp import web
 
 import netfly
-from netfly import ConfigurationError, FreeNetfly, ModelNotSupportedError, OpenAICompatible
+from netfly import ConfigurationError, FreeNetfly, ModelNotSupportedError, OpenAICompatible, ServerError
 
 from .conftest import answer, chunk, sse, stream_bytes
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 SEED_BODY = {"stream": True, "model": "gpt-3.5-turbo", "temperature": 0.5, "presence_penalty": 0,
              "frequency_penalty": 0, "top_p": 1}
+
+
+async def _fail_503(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"error": {"message": "busy"}}, status=503)
 
 
 async def _hello(request: web.Request) -> web.StreamResponse:
@@ -180,8 +184,9 @@ async def test_call_options_are_not_body_fields(scripted: Any) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("max_retries", 0), ("max_retries", "3"), ("retry_delay", -1), ("timeout", -5), ("timeout", "soon"),
-     ("headers", ["X-A: 1"])],
+    [("max_retries", 0), ("max_retries", "3"), ("max_attempts", True), ("retry_delay", -1), ("timeout", -5),
+     ("timeout", "soon"), ("headers", ["X-A: 1"]), ("max_line_bytes", 0), ("max_line_bytes", True),
+     ("max_event_bytes", -1), ("strict", "yes"), ("extra_body", ["a"])],
 )
 async def test_bad_call_options_fail_before_any_io(scripted: Any, option: str, value: Any) -> None:
     server = await scripted(_hello)
@@ -189,6 +194,43 @@ async def test_bad_call_options_fail_before_any_io(scripted: Any, option: str, v
         await server.provider().create_async("", MESSAGES, **{option: value})
     assert option.split("_")[0] in str(caught.value)
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("max_retires", "max_retries"), ("timout", "timeout"), ("max_attempt", "max_attempts"), ("header", "headers"),
+     ("retry_dealy", "retry_delay"), ("extra_bdy", "extra_body")],
+)
+async def test_a_typo_of_a_call_option_is_refused_with_a_hint(scripted: Any, typo: str, meant: str) -> None:
+    server = await scripted(_hello)
+    with pytest.raises(ConfigurationError, match=f"unknown option '{typo}': did you mean '{meant}'") as caught:
+        await server.provider().create_async("", MESSAGES, **{typo: 1})
+    assert caught.value.param == typo
+    assert server.requests == []
+
+
+async def test_body_fields_and_extra_body_pass_through_and_extra_body_wins(scripted: Any) -> None:
+    server = await scripted(_hello)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    await server.provider(OpenAICompatible).create_async(
+        "", MESSAGES, temperature=0.2, tools=tools, response_format={"type": "text"}, top_p=None,
+        extra_body={"temperature": 0.7, "timeout": 5, "max_retires": 1, "stop": None, "vendor_x": {"k": 1}},
+    )
+    sent = server.requests[0]
+    assert sent["tools"] == tools and sent["response_format"] == {"type": "text"}
+    # extra_body is merged last and as given: even names of call options are body fields there
+    assert (sent["temperature"], sent["timeout"], sent["max_retires"], sent["vendor_x"]) == (0.7, 5, 1, {"k": 1})
+    assert sent["stop"] is None and "top_p" not in sent
+
+
+async def test_max_attempts_counts_attempts_and_excludes_its_old_name(scripted: Any) -> None:
+    server = await scripted(_fail_503, _fail_503, _hello)
+    with pytest.raises(ServerError):
+        await server.provider().create_async("", MESSAGES, max_attempts=2)
+    assert len(server.requests) == 2
+    with pytest.raises(ConfigurationError, match="not both"):
+        await server.provider().create_async("", MESSAGES, max_attempts=2, max_retries=2)
+    assert len(server.requests) == 2
 
 
 # -- headers -------------------------------------------------------------------------------------
@@ -268,6 +310,14 @@ async def test_configure_makes_a_provider_class(scripted: Any) -> None:
     assert OpenAICompatible.api_key is None  # the base class is untouched
 
 
+def test_configure_keeps_the_subclass_and_refuses_methods() -> None:
+    configured = OpenAICompatible.configure(url="http://127.0.0.1:1", name="Mine")
+    assert issubclass(configured, OpenAICompatible) and configured.name() == "Mine"
+    for method in ("stream", "complete", "get_model", "endpoint_url"):
+        with pytest.raises(ConfigurationError, match=f"{method}: a method, not a setting"):
+            OpenAICompatible.configure(**{method: lambda *a: None})
+
+
 def test_configure_rejects_unknown_attributes() -> None:
     with pytest.raises(ConfigurationError) as caught:
         OpenAICompatible.configure(url="http://127.0.0.1:1", api_kye="x")
@@ -318,6 +368,12 @@ async def test_sync_create_completion_yields_the_same_chunks(scripted: Any) -> N
     expected = [c async for c in provider.create_async_generator("", MESSAGES)]
     got = await asyncio.to_thread(lambda: list(provider.create_completion("", MESSAGES)))
     assert got == expected == ["Hello", ", ", "world"]
+
+
+async def test_complete_sync_pairs_with_complete(scripted: Any) -> None:
+    server = await scripted(_hello)
+    result = await asyncio.to_thread(server.provider().complete_sync, "", MESSAGES)
+    assert (result.text, result.finish_reason) == ("Hello, world", "stop")
 
 
 async def test_sync_create_returns_the_result(scripted: Any) -> None:

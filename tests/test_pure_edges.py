@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from netfly import ConfigurationError, ProxyError, RetryPolicy, ServerError
-from netfly.chunks import error_message_from_body
+from netfly.errors import error_message_from_body
 from netfly.messages import validate_messages
 from netfly.redact import MASK, redact_headers, redact_url, scrub
 from netfly.retry import is_retryable, parse_retry_after
@@ -150,14 +150,14 @@ def test_valid_messages_come_back_as_plain_dict_copies() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"max_attempts": 0}, "^max_attempts must be at least 1$"),
-    ({"initial_delay": -0.1}, "^delays must not be negative$"),
-    ({"max_delay": -0.1}, "^delays must not be negative$"),
-    ({"jitter": 1.01}, "^jitter must be between 0 and 1$"),
-    ({"jitter": -0.01}, "^jitter must be between 0 and 1$"),
+    ({"max_attempts": 0}, "^max_attempts must be a whole number of attempts >= 1, got 0$"),
+    ({"initial_delay": -0.1}, "^initial_delay must be a number of seconds >= 0, got -0.1$"),
+    ({"max_delay": -0.1}, "^max_delay must be a number of seconds >= 0, got -0.1$"),
+    ({"jitter": 1.01}, "^jitter must be a number between 0 and 1, got 1.01$"),
+    ({"jitter": -0.01}, "^jitter must be a number between 0 and 1, got -0.01$"),
 ])
 def test_invalid_policies_say_why(options: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         RetryPolicy(**options)
 
 

@@ -147,11 +147,14 @@ def test_retry_after_does_not_extend_the_attempt_budget() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"initial_delay": -1}, {"max_delay": -1}, {"jitter": -0.1}, {"jitter": 1.5}],
+    [{"max_attempts": 0}, {"max_attempts": True}, {"initial_delay": -1}, {"max_delay": -1}, {"jitter": -0.1},
+     {"jitter": 1.5}, {"multiplier": 0.5}, {"max_retry_after": float("nan")}],
 )
-def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_policies_are_refused_with_the_setting_named(kwargs: dict[str, float]) -> None:
+    (name,) = kwargs
+    with pytest.raises(ConfigurationError, match=name) as info:
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+    assert info.value.param == name
 
 
 # -- parse_retry_after ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -25,9 +25,9 @@ from netfly import (
     TransportError,
 )
 from netfly.cli.check import register_cli
+from netfly.cli.format import format_health_table, format_stats
 from netfly.errors import CircuitOpenError
-from netfly.health import format_health_table, format_stats
-from netfly.routing import RetryProvider, RoutedAttempt
+from netfly.routing import CircuitBreakers, Fastest, RetryProvider, RoutedAttempt, Shuffled
 from netfly.stream import AttemptRecord, ChatStream
 
 from .conftest import answer, chunk, sse, stream_bytes
@@ -370,26 +370,44 @@ async def test_every_provider_cooling_down_fails_fast_with_the_reason(scripted: 
     assert len(a.requests) == 2
 
 
-async def test_prefer_fastest_orders_by_recent_time_to_first_token(scripted: Any) -> None:
+@pytest.mark.parametrize("order", [{"prefer_fastest": True}, {"strategy": Fastest()}], ids=["boolean", "strategy"])
+async def test_prefer_fastest_orders_by_recent_time_to_first_token(scripted: Any, order: dict[str, Any]) -> None:
     a = await scripted(ok("slow", delay=0.15))
     b = await scripted(ok("fast"))
-    router = RetryProvider([a.provider(name="A"), b.provider(name="B")], prefer_fastest=True)
+    router = RetryProvider([a.provider(name="A"), b.provider(name="B")], **order)
 
     # A first (configured order, nothing measured), then B (not measured yet), then the faster: B.
     assert [await served_by(router) for _ in range(3)] == ["A", "B", "B"]
-    health = {entry.name: entry for entry in router.health.snapshot()}
+    health = {entry.name: entry for entry in router.breakers.snapshot()}
     ttft_a, ttft_b = health["A"].time_to_first_token, health["B"].time_to_first_token
     assert ttft_a is not None and ttft_b is not None
     assert ttft_a >= 0.15 > ttft_b
 
 
-async def test_shuffle_spreads_calls_over_providers(scripted: Any) -> None:
+@pytest.mark.parametrize("order", [{"shuffle": True}, {"strategy": Shuffled()}], ids=["boolean", "strategy"])
+async def test_shuffle_spreads_calls_over_providers(scripted: Any, order: dict[str, Any]) -> None:
     a = await scripted(ok("a"))
     b = await scripted(ok("b"))
-    router = RetryProvider([a.provider(name="A"), b.provider(name="B")], shuffle=True)
+    router = RetryProvider([a.provider(name="A"), b.provider(name="B")], **order)
 
     served = {await served_by(router) for _ in range(20)}
     assert served == {"A", "B"}  # all on one side would have odds of 2 in 2**20
+
+
+async def test_any_callable_is_a_strategy(scripted: Any) -> None:
+    a = await scripted(ok("a"))
+    b = await scripted(ok("b"))
+    seen: list[CircuitBreakers] = []
+
+    def last_first(providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
+        seen.append(breakers)
+        return list(reversed(providers))
+
+    router = RetryProvider([a.provider(name="A"), b.provider(name="B")], strategy=last_first)
+    assert [await served_by(router) for _ in range(2)] == ["B", "B"]
+    assert seen == [router.breakers, router.breakers]
+    with pytest.raises(ConfigurationError, match="strategy must be callable"):
+        RetryProvider([a.provider(name="A")], strategy="fastest")  # type: ignore[arg-type]
 
 
 # -- hedging ---------------------------------------------------------------------------------------
@@ -459,7 +477,7 @@ async def test_closing_a_routed_stream_mid_race_closes_every_connection(scripted
     while (a.disconnects, b.disconnects) != (1, 1) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert (a.disconnects, b.disconnects) == (1, 1)
-    assert {e.name: e.probing for e in router.health.snapshot()} == {"A": False, "B": False}
+    assert {e.name: e.probing for e in router.breakers.snapshot()} == {"A": False, "B": False}
 
 
 # -- live health check -----------------------------------------------------------------------------

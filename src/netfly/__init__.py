@@ -3,6 +3,8 @@
     from netfly import FreeNetfly
     async for chunk in FreeNetfly.create_async_generator(model="gpt-3.5-turbo", messages=messages):
         ...  # each chunk is a piece of the answer's text, as it arrives
+    async for event in FreeNetfly.events(model="gpt-4", messages=messages, tools=tools):
+        ...  # typed events: ChunkMeta, ChoiceDelta (text, reasoning, tool calls...), Usage
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 
 from . import transport as _transport
 from .__about__ import __version__
-from .chunks import ChatResult, ChunkInterpreter
+from .chunks import ChunkInterpreter
 from .errors import (
     AllProvidersFailedError,
     AuthenticationError,
@@ -33,14 +35,25 @@ from .errors import (
     TransportError,
     UpstreamError,
 )
+from .events import (
+    ChatAccumulator,
+    ChatResult,
+    ChoiceDelta,
+    ChoiceResult,
+    ChunkMeta,
+    Event,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from .health import HealthResult
 from .provider import Provider
 from .providers import FreeNetfly, Local, Ollama, OpenAI, OpenAICompatible, get_provider, provider_names, register
 from .providers.llama_server import stop_all as _stop_local_servers
 from .retry import RetryPolicy
-from .routing import RetryProvider, RoutedProvider
+from .routing import CircuitBreakers, Fastest, Ordered, RetryProvider, RoutedProvider, Shuffled, Strategy
 from .sse import ServerSentEvent, SSEDecoder
-from .stream import ChatRequest, ChatStream, StreamStats
+from .stream import ChatRequest, ChatStream, PreparedCall, StreamStats
 from .transport import Proxy, Timeout
 
 logging.getLogger("netfly").addHandler(logging.NullHandler())
@@ -56,12 +69,19 @@ __all__ = [
     "AllProvidersFailedError",
     "AuthenticationError",
     "BadRequestError",
+    "ChatAccumulator",
     "ChatRequest",
     "ChatResult",
     "ChatStream",
+    "ChoiceDelta",
+    "ChoiceResult",
     "ChunkInterpreter",
+    "ChunkMeta",
+    "CircuitBreakers",
     "CircuitOpenError",
     "ConfigurationError",
+    "Event",
+    "Fastest",
     "LocalServerError",
     "FreeNetfly",
     "get_provider",
@@ -73,6 +93,8 @@ __all__ = [
     "Ollama",
     "OpenAI",
     "OpenAICompatible",
+    "Ordered",
+    "PreparedCall",
     "Provider",
     "provider_names",
     "Proxy",
@@ -85,13 +107,18 @@ __all__ = [
     "RoutedProvider",
     "ServerError",
     "ServerSentEvent",
+    "Shuffled",
     "SSEDecoder",
+    "Strategy",
     "StreamDecodeError",
     "StreamError",
     "StreamInterruptedError",
     "StreamStats",
     "Timeout",
+    "ToolCall",
+    "ToolCallDelta",
     "TransportError",
     "UpstreamError",
+    "Usage",
     "__version__",
 ]

@@ -1,64 +1,66 @@
-"""The chunk interpreter: server-sent events of a chat completion in, text deltas out. No I/O.
+"""The chunk interpreter: server-sent events of a chat completion in, typed events out. No I/O.
 
-It knows the OpenAI ``chat.completion.chunk`` shape: ``choices[0].delta.content`` is the answer
-text, ``delta.reasoning_content`` (or ``delta.reasoning``) is kept apart from it, ``finish_reason``,
-``usage`` and ``model`` are remembered, ``data: [DONE]`` ends the stream, and an error sent inside
-the stream raises :class:`UpstreamError`.
+It knows the OpenAI ``chat.completion.chunk`` shape and turns each chunk into the events of
+:mod:`netfly.events`: the chunk's own fields (:class:`ChunkMeta`, when they change), one
+:class:`ChoiceDelta` per choice (text, reasoning, tool-call fragments, refusal, logprobs, finish
+reason, unknown fields) and :class:`Usage`. ``data: [DONE]`` ends the stream, and an error sent
+inside the stream raises :class:`UpstreamError`. A whole ``chat.completion`` (a server that ignored
+``stream: true``, or a request with ``stream: false``) gives the same events.
+
+Speed: most chunks of a stream say only "here is more text of choice 0", with the same ``id``,
+``model``… as the chunk before. For those :meth:`ChunkInterpreter.interpret` returns the text as a
+plain ``str``; everything else comes as a list of events. ``as_events`` turns either into events.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
+from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Usage
 from .redact import scrub
 from .sse import ServerSentEvent
+
+__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
 
 logger = logging.getLogger("netfly")
 
 DONE = "[DONE]"
 
+# What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
+Item: TypeAlias = "str | list[Event]"
 
-@dataclass
-class ChatResult:
-    """Everything known about one finished answer."""
+_NOT_EXTRA_TOP = frozenset({"id", "model", "created", "system_fingerprint", "object", "choices", "usage"})
+_PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
+_DELTA_KEYS = frozenset({"content", "role", "reasoning_content", "reasoning", "tool_calls", "refusal"})
+_CHOICE_KEYS = frozenset({"index", "delta", "message", "logprobs", "finish_reason"})
+_CALL_KEYS = frozenset({"index", "id", "type", "function"})
 
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    model: str | None = None
-    id: str | None = None
-    reasoning: str = ""
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    malformed_chunks: int = 0
 
-    def __str__(self) -> str:
-        return self.text
+def as_events(item: Item) -> list[Event]:
+    """The events an interpreter result stands for."""
+    return [ChoiceDelta(text=item)] if isinstance(item, str) else item
 
 
 class ChunkInterpreter:
-    """Turns events into answer text, collecting the rest of what the server said on the way."""
+    """Turns events of one attempt into text or typed events; keeps what is needed across chunks."""
 
-    __slots__ = ("strict", "secrets", "done", "finish_reason", "usage", "model", "id", "reasoning_parts",
-                 "tool_calls", "malformed_chunks")
+    __slots__ = ("strict", "secrets", "done", "finished", "malformed_chunks", "_top", "_meta", "_plain_choice")
 
     def __init__(self, *, strict: bool = False, secrets: tuple[str, ...] = ()) -> None:
         self.strict = strict
         self.secrets = secrets  # scrubbed from the malformed data quoted in warnings and errors
-        self.done = False
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.model: str | None = None
-        self.id: str | None = None
-        self.reasoning_parts: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
+        self.done = False  # [DONE] seen
+        self.finished = False  # a finish_reason seen
         self.malformed_chunks = 0
+        self._top: dict[str, Any] | None = None  # the last chunk's fields besides choices (no usage)
+        self._meta: dict[str, Any] | None = None  # the fields of the last ChunkMeta emitted
+        self._plain_choice: dict[str, Any] | None = None  # a plain text choice's fields besides delta
 
-    def interpret(self, event: ServerSentEvent) -> str | None:
-        """Return the answer text this event carries, or ``None`` when it carries none."""
+    def interpret(self, event: ServerSentEvent) -> Item | None:
+        """The text or events this server-sent event carries; ``None`` when it carries none."""
         data = event.data
         if event.event == "error":
             raise _upstream_error(_parse_lenient(data))
@@ -72,88 +74,95 @@ class ChunkInterpreter:
         except _json.JSONDecodeError as exc:
             self._malformed(f"invalid JSON in event data: {exc}", data)
             return None
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             self._malformed("event data is JSON but not an object", data)
             return None
         return self.interpret_chunk(chunk)
 
-    def interpret_chunk(self, chunk: dict[str, Any]) -> str | None:
-        """Apply one parsed ``chat.completion.chunk`` object."""
+    def interpret_chunk(self, chunk: dict[str, Any]) -> Item | None:
+        """Apply one parsed ``chat.completion.chunk`` object (it is modified: ``choices`` is taken out)."""
+        choices = chunk.pop("choices", None)
+        # The fast path: the same fields as the chunk before, and one choice shaped like the last
+        # plain one (index 0, no finish, no logprobs, nothing unknown) whose delta is only content.
+        if chunk == self._top and type(choices) is list and len(choices) == 1:
+            choice = choices[0]
+            if type(choice) is dict:
+                delta = choice.pop("delta", None)
+                if choice == self._plain_choice and type(delta) is dict and len(delta) == 1:
+                    content = delta.get("content")
+                    if type(content) is str:
+                        return content or None
+                choice["delta"] = delta
+        return self._interpret_slowly(chunk, choices)
+
+    def _interpret_slowly(self, chunk: dict[str, Any], choices: Any) -> list[Event] | None:
         if chunk.get("error"):
             raise _upstream_error(chunk)
-        if self.model is None:
-            self.model = chunk.get("model")
-            self.id = chunk.get("id")
+        deltas: list[Event] = []
+        if choices:
+            if type(choices) is not list:
+                self._malformed("choices is not a list", str(chunk)[:200])
+                return None
+            for choice in choices:
+                self._remember_plain(choice)
+                delta = _choice_delta(choice, "delta")
+                if delta is None:
+                    self._malformed("a choice is not an object with a valid delta", str(choice)[:200])
+                    return None
+                if delta.finish_reason:
+                    self.finished = True
+                if delta.has_output or delta.role or delta.finish_reason or delta.logprobs is not None or (
+                    delta.delta_extra or delta.choice_extra
+                ):
+                    deltas.append(delta)
         usage = chunk.get("usage")
-        if usage:
-            self.usage = usage
-        choices = chunk.get("choices")
-        if not choices:
-            return None  # usage-only chunk or a content-filter prelude
-        choice = choices[0] if isinstance(choices, list) else None
-        if not isinstance(choice, dict):
-            self._malformed("choices is not a list of objects", str(chunk)[:200])
-            return None
-        finish = choice.get("finish_reason")
-        if finish:
-            self.finish_reason = finish
-        delta = choice.get("delta")
-        if not delta:
-            return None
-        content = delta.get("content") if isinstance(delta, dict) else None
-        if not isinstance(delta, dict) or not isinstance(content, (str, type(None))):
-            # Counted and skipped like bad JSON: a non-string would break the caller's text.
-            self._malformed("delta is not an object with string content", str(chunk)[:200])
-            return None
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            self.reasoning_parts.append(reasoning)
-        tool_calls = delta.get("tool_calls")
-        if tool_calls:
-            self.tool_calls.extend(tool_calls)
-        return content if content else None
+        if not usage:
+            self._top = chunk  # a following chunk with equal fields may take the fast path
+        events: list[Event] = []
+        meta = {k: v for k, v in chunk.items() if k != "usage"} if "usage" in chunk else chunk
+        if meta and meta != self._meta:
+            self._meta = meta
+            events.append(_chunk_meta(meta))
+        events += deltas
+        if usage and isinstance(usage, dict):
+            events.append(Usage(usage))
+        return events or None
 
-    def interpret_completion(self, body: Any) -> str | None:
-        """A whole ``chat.completion`` from a server that ignored ``stream: true``."""
+    def _remember_plain(self, choice: Any) -> None:
+        """Keep the shape of a plain choice 0 (all but its delta) for the fast path to compare with."""
+        if (
+            type(choice) is dict
+            and not choice.get("index")
+            and choice.get("finish_reason") is None
+            and choice.get("logprobs") is None
+            and choice.keys() <= _PLAIN_CHOICE_KEYS
+        ):
+            self._plain_choice = {k: v for k, v in choice.items() if k != "delta"}
+
+    def interpret_completion(self, body: Any) -> list[Event]:
+        """A whole ``chat.completion`` (JSON, not streamed) as the events a stream would have sent."""
         if not isinstance(body, dict):
             raise StreamDecodeError("JSON reply is not an object")
         if body.get("error"):
             raise _upstream_error(body)
         self.done = True
-        self.model = body.get("model")
-        self.id = body.get("id")
-        self.usage = body.get("usage") or None
         choices = body.get("choices") or []
-        if not choices:
-            return None
-        choice = choices[0] if isinstance(choices, list) else None
-        message = (choice.get("message") or {}) if isinstance(choice, dict) else None
-        if not isinstance(choice, dict) or not isinstance(message, dict):
+        if not isinstance(choices, list):
             raise StreamDecodeError(f"JSON reply is not a chat.completion: {str(body)[:200]!r}")
-        self.finish_reason = choice.get("finish_reason")
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if reasoning:
-            self.reasoning_parts.append(reasoning)
-        if message.get("tool_calls"):
-            self.tool_calls.extend(message["tool_calls"])
-        content = message.get("content")
-        if content is None:
-            content = choice.get("text")  # legacy completions shape
-        if not isinstance(content, (str, type(None))):
-            raise StreamDecodeError(f"JSON reply's content is not a string: {str(body)[:200]!r}")
-        return content or None
-
-    def result(self, text: str) -> ChatResult:
-        return ChatResult(
-            text=text,
-            finish_reason=self.finish_reason,
-            usage=self.usage,
-            model=self.model,
-            id=self.id,
-            reasoning="".join(self.reasoning_parts),
-            tool_calls=list(self.tool_calls),
-            malformed_chunks=self.malformed_chunks,
-        )
+        events: list[Event] = [_chunk_meta(body)]
+        for choice in choices:
+            delta = _choice_delta(choice, "message")
+            if delta is None:
+                raise StreamDecodeError(f"JSON reply is not a chat.completion: {str(body)[:200]!r}")
+            if delta.text is None and isinstance(choice.get("text"), str):  # the legacy completions shape
+                delta.text = choice["text"]
+                delta.choice_extra = {k: v for k, v in delta.choice_extra.items() if k != "text"}
+            self.finished = self.finished or bool(delta.finish_reason)
+            events.append(delta)
+        usage = body.get("usage")
+        if usage and isinstance(usage, dict):
+            events.append(Usage(usage))
+        return events
 
     def _malformed(self, reason: str, data: str) -> None:
         # Scrub before cutting, so a secret across the cut cannot leave a prefix behind.
@@ -162,6 +171,80 @@ class ChunkInterpreter:
             raise StreamDecodeError(f"{reason} (data: {data!r})")
         self.malformed_chunks += 1
         logger.warning("skipping malformed stream chunk: %s (data: %r)", reason, data)
+
+
+def _chunk_meta(top: dict[str, Any]) -> ChunkMeta:
+    created = top.get("created")
+    meta = ChunkMeta(
+        id=_str_or_none(top.get("id")),
+        model=_str_or_none(top.get("model")),
+        created=created if isinstance(created, int) and not isinstance(created, bool) else None,
+        system_fingerprint=_str_or_none(top.get("system_fingerprint")),
+    )
+    if not top.keys() <= _NOT_EXTRA_TOP:
+        meta.extra = {k: v for k, v in top.items() if k not in _NOT_EXTRA_TOP}
+    return meta
+
+
+def _choice_delta(choice: Any, key: str) -> ChoiceDelta | None:
+    """One choice (its ``delta`` or, for a whole completion, its ``message``) as a ChoiceDelta;
+    ``None`` when it is malformed."""
+    if type(choice) is not dict:
+        return None
+    delta = choice.get(key) or {}
+    index = choice.get("index", 0)
+    if type(delta) is not dict or type(index) is not int:
+        return None
+    content, refusal, role = delta.get("content"), delta.get("refusal"), delta.get("role")
+    reasoning, field = delta.get("reasoning_content"), "reasoning_content"
+    if reasoning is None and delta.get("reasoning") is not None:
+        reasoning, field = delta.get("reasoning"), "reasoning"
+    if not all(v is None or type(v) is str for v in (content, refusal, role, reasoning)):
+        return None  # counted and skipped: a non-string would break the caller's text
+    calls = _tool_call_deltas(delta.get("tool_calls"))
+    if calls is None:
+        return None
+    result = ChoiceDelta(
+        index=index, text=content, role=role, reasoning=reasoning, reasoning_field=field, tool_calls=calls,
+        refusal=refusal, logprobs=choice.get("logprobs"), finish_reason=_str_or_none(choice.get("finish_reason")),
+    )
+    if not delta.keys() <= _DELTA_KEYS:
+        result.delta_extra = {k: v for k, v in delta.items() if k not in _DELTA_KEYS}
+    if not choice.keys() <= _CHOICE_KEYS:
+        result.choice_extra = {k: v for k, v in choice.items() if k not in _CHOICE_KEYS}
+    return result
+
+
+def _tool_call_deltas(calls: Any) -> tuple[ToolCallDelta, ...] | None:
+    """Tool-call fragments as sent; ``None`` when malformed. A whole message's calls have no
+    ``index``: their position stands for it."""
+    if not calls:
+        return ()
+    if type(calls) is not list:
+        return None
+    fragments = []
+    for position, call in enumerate(calls):
+        if type(call) is not dict:
+            return None
+        function = call.get("function") or {}
+        index = call.get("index", position)
+        if type(index) is not int or type(function) is not dict:
+            return None
+        fragment = ToolCallDelta(
+            index=index,
+            id=_str_or_none(call.get("id")),
+            type=_str_or_none(call.get("type")),
+            name=_str_or_none(function.get("name")),
+            arguments=_str_or_none(function.get("arguments")),
+        )
+        if not call.keys() <= _CALL_KEYS:
+            fragment.extra = {k: v for k, v in call.items() if k not in _CALL_KEYS}
+        fragments.append(fragment)
+    return tuple(fragments)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _parse_lenient(data: str) -> Any:
@@ -178,20 +261,3 @@ def _upstream_error(payload: Any) -> UpstreamError:
         message = str(error.get("message") or error.get("detail") or error)
         return UpstreamError(message, code=error.get("code"), type=error.get("type"))
     return UpstreamError(str(error) or "the server reported an error in the stream")
-
-
-def error_message_from_body(body: Any, fallback: str) -> str:
-    """The human message inside an error response body, in the shapes servers commonly use."""
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            for key in ("message", "detail", "msg"):
-                if error.get(key):
-                    return str(error[key])
-        elif error:
-            return str(error)
-        if body.get("detail"):
-            return str(body["detail"])
-    if isinstance(body, str) and body.strip():
-        return body.strip()[:500]
-    return fallback

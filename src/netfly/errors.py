@@ -14,7 +14,7 @@ Every error netfly raises is a :class:`NetflyError`::
     │   ├── RateLimitError            429
     │   └── ServerError               5xx
     ├── StreamError                   the answer's stream went wrong
-    │   ├── StreamInterruptedError    cut after text was delivered (``.partial_text``)
+    │   ├── StreamInterruptedError    cut after output was delivered (``.partial_text``, ``.partial_result``)
     │   └── StreamDecodeError         bytes that are not a valid event stream
     ├── UpstreamError                 the server reported an error inside the answer
     ├── LocalServerError              the local model's llama.cpp child died, failed to start, or is
@@ -36,7 +36,15 @@ class NetflyError(Exception):
 
 
 class ConfigurationError(NetflyError, ValueError):
-    """Invalid arguments or provider configuration; raised before any network I/O."""
+    """Invalid arguments or provider configuration; raised before any network I/O.
+
+    ``param`` names the argument or request field at fault (``"messages"``, ``"model"``…) when there
+    is one, so a server can report it without parsing the message.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 class ModelNotSupportedError(ConfigurationError):
@@ -47,7 +55,8 @@ class ModelNotSupportedError(ConfigurationError):
         self.model = model
         self.supported = list(supported)
         super().__init__(
-            f"model {model!r} is not supported by {provider}; supported: {', '.join(self.supported)}"
+            f"model {model!r} is not supported by {provider}; supported: {', '.join(self.supported)}",
+            param="model",
         )
 
 
@@ -123,13 +132,15 @@ class StreamError(NetflyError):
 
 
 class StreamInterruptedError(StreamError):
-    """The stream broke after text was already delivered, so it cannot be retried safely.
+    """The stream broke after output was already delivered, so it cannot be retried safely.
 
-    ``partial_text`` holds everything the caller received before the break.
+    ``partial_text`` holds the text the caller received before the break; ``partial_result`` (a
+    :class:`~netfly.ChatResult`) everything: text, reasoning, the tool calls as far as they came.
     """
 
-    def __init__(self, message: str, partial_text: str) -> None:
+    def __init__(self, message: str, partial_text: str, partial_result: Any = None) -> None:
         self.partial_text = partial_text
+        self.partial_result = partial_result
         super().__init__(message)
 
 
@@ -217,3 +228,20 @@ def error_for_status(
     else:
         cls = ResponseStatusError
     return cls(status, message, provider=provider, retry_after=retry_after, body=body)
+
+
+def error_message_from_body(body: Any, fallback: str) -> str:
+    """The human message inside an error response body, in the shapes servers commonly use."""
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            for key in ("message", "detail", "msg"):
+                if error.get(key):
+                    return str(error[key])
+        elif error:
+            return str(error)
+        if body.get("detail"):
+            return str(body["detail"])
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]
+    return fallback

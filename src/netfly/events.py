@@ -195,10 +195,14 @@ class ChatAccumulator:
 
     def add_text(self, text: str) -> None:
         """Choice 0's text alone: the interpreter's fast path for plain text chunks."""
-        parts = self._choices.get(0)
+        self.text_parts(0).append(text)
+
+    def text_parts(self, index: int = 0) -> list[str]:
+        """The live list of a choice's text pieces: appending to it adds text (the fastest path)."""
+        parts = self._choices.get(index)
         if parts is None:
-            parts = self._choices[0] = _ChoiceParts(0)
-        parts.text.append(text)
+            parts = self._choices[index] = _ChoiceParts(index)
+        return parts.text
 
     def result(self, *, malformed_chunks: int = 0) -> ChatResult:
         choices = [parts.result() for _, parts in sorted(self._choices.items())]

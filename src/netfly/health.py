@@ -1,4 +1,5 @@
-"""Measured state: a live check of a provider, and plain-text reports of checks and stream stats.
+"""Measured state: a live check of a provider (a router's memory of its providers is
+:class:`netfly.routing.CircuitBreakers`; the text reports of both live in :mod:`netfly.cli.format`).
 
 A provider's ``working`` attribute is what its author declares; :func:`check_provider` (also
 ``await P.check()``) measures it by sending the smallest request there is: one message,
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,8 @@ class HealthResult:
     """The outcome of one live check.
 
     ``ok`` is true when the provider streamed an answer to its end without error. ``latency`` is the
-    whole call in seconds, ``time_to_first_token`` the wait for the first text (``None`` when the
-    one-token answer carried no text). ``served_by`` names the provider that answered (for a router,
+    whole call in seconds, ``time_to_first_token`` the wait for the first output (``None`` when the
+    one-token answer carried none). ``served_by`` names the provider that answered (for a router,
     the one it picked). ``declared`` is the provider's ``working`` attribute, for comparison.
     ``engine`` is, for a provider that runs its own engine (``Local``), that engine's state after
     the check ("ready (pid 1234)", "crashed: the local model server was killed by SIGSEGV").
@@ -62,7 +63,8 @@ async def check_provider(
     missing API key) becomes ``ok=False`` with the error's type and message.
     """
     kwargs.setdefault("max_tokens", 1)
-    kwargs.setdefault("max_retries", 1)  # measure the provider, not its retry policy
+    if "max_attempts" not in kwargs:
+        kwargs.setdefault("max_retries", 1)  # measure the provider, not its retry policy
     kwargs.setdefault("timeout", Timeout(connect=timeout, idle=timeout, total=timeout))
     started = time.monotonic()
     stats: StreamStats | None = None
@@ -109,60 +111,3 @@ def _engine_text(provider: type[Provider]) -> str | None:
 async def check_all(providers: Iterable[type[Provider]], **options: Any) -> list[HealthResult]:
     """Check several providers at once; results in the order given."""
     return list(await asyncio.gather(*(check_provider(p, **options) for p in providers)))
-
-
-def format_health_table(results: Sequence[HealthResult]) -> str:
-    """A plain-text table of check results, one provider a line."""
-    header = ("PROVIDER", "DECLARED", "MEASURED", "LATENCY", "SERVED BY", "DETAIL")
-    rows = [header]
-    for result in results:
-        rows.append((
-            result.provider,
-            "working" if result.declared else "-",
-            "ok" if result.ok else "FAILED",
-            f"{result.latency * 1000:.0f} ms",
-            result.served_by or "-",
-            _detail(result),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for row in rows:
-        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
-        lines.append("  ".join([*padded, row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def _detail(result: HealthResult) -> str:
-    detail = result.error or (f"model {result.model}" if result.model else "")
-    if result.engine:
-        detail += f" (engine {result.engine})" if detail else f"engine {result.engine}"
-    return " ".join(detail.split())
-
-
-def summarize_stats(stats: StreamStats) -> str:
-    """One line of a stream's figures, for log lines (the gateway's access log)."""
-    ttft = f"{stats.time_to_first_token * 1000:.0f}ms" if stats.time_to_first_token is not None else "-"
-    failed = sum(1 for record in stats.attempts if record.error is not None)
-    return (
-        f"provider={stats.provider} attempts={len(stats.attempts)} failed={failed} ttft={ttft} "
-        f"chunks={stats.chunks} chars={stats.characters}"
-    )
-
-
-def format_stats(stats: StreamStats) -> str:
-    """A short human-readable report of one stream's figures (for ``netfly chat --stats`` and logs)."""
-    ttft = f"{stats.time_to_first_token:.3f} s" if stats.time_to_first_token is not None else "-"
-    duration = f"{stats.duration:.3f} s" if stats.duration is not None else "-"
-    lines = [
-        f"provider: {stats.provider}" + (f"  model: {stats.model}" if stats.model else ""),
-        f"time to first token: {ttft}  duration: {duration}  chunks: {stats.chunks}  characters: {stats.characters}",
-    ]
-    for record in stats.attempts:
-        who = getattr(record, "provider", None) or stats.provider
-        outcome = "ok" if record.error is None else record.error
-        lines.append(f"attempt {record.number}: {who}: {outcome} ({record.duration:.3f} s)")
-    skipped = getattr(stats, "skipped", None)
-    if skipped:
-        for name, reason in skipped.items():
-            lines.append(f"skipped: {name}: {reason}")
-    return "\n".join(lines)

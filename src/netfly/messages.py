@@ -7,8 +7,6 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-Message = Mapping[str, Any]
-
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check ``messages`` and return it as a list of plain dicts.
@@ -18,36 +16,40 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     ``tool_calls`` (an assistant's tool call).
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ConfigurationError(
+        raise _invalid(
             f"messages must be a list of {{'role', 'content'}} mappings, got {type(messages).__name__}"
         )
     if not messages:
-        raise ConfigurationError("messages must not be empty")
+        raise _invalid("messages must not be empty")
     checked: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
-            raise ConfigurationError(
+            raise _invalid(
                 f"{where} must be a mapping with 'role' and 'content', got {type(message).__name__}"
             )
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise ConfigurationError(f"{where}['role'] must be a non-empty string, got {role!r}")
+            raise _invalid(f"{where}['role'] must be a non-empty string, got {role!r}")
         if "content" not in message:
-            raise ConfigurationError(f"{where} has no 'content'")
+            raise _invalid(f"{where} has no 'content'")
         content = message["content"]
         if content is None:
             if not message.get("tool_calls"):
-                raise ConfigurationError(f"{where}['content'] is None (allowed only with 'tool_calls')")
+                raise _invalid(f"{where}['content'] is None (allowed only with 'tool_calls')")
         elif isinstance(content, list):
             for part_index, part in enumerate(content):
                 if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-                    raise ConfigurationError(
+                    raise _invalid(
                         f"{where}['content'][{part_index}] must be a content part mapping with a 'type'"
                     )
         elif not isinstance(content, str):
-            raise ConfigurationError(
+            raise _invalid(
                 f"{where}['content'] must be a string or a list of content parts, got {type(content).__name__}"
             )
         checked.append(dict(message))
     return checked
+
+
+def _invalid(message: str) -> ConfigurationError:
+    return ConfigurationError(message, param="messages")

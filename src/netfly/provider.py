@@ -1,7 +1,9 @@
 """The provider base class: configuration as class attributes, the same engine underneath.
 
 A provider turns ``(model, messages, **kwargs)`` into a validated :class:`ChatRequest` and hands it
-to a :class:`ChatStream`. Subclassing changes the target::
+to a :class:`ChatStream`. Keyword arguments are request-body fields (``temperature``, ``tools``…),
+except the call options in :data:`CALL_OPTIONS`; a near miss of a call option (``timout=5``) is
+refused with a "did you mean" rather than sent upstream. Subclassing changes the target::
 
     class Local(FreeNetfly):
         url = "http://127.0.0.1:8080"
@@ -9,27 +11,43 @@ to a :class:`ChatStream`. Subclassing changes the target::
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from contextlib import aclosing
+from functools import partial
+from types import FunctionType
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-from . import _json, _sync
+from . import _checks, _json, _sync
 from .__about__ import __version__
-from .chunks import ChatResult
 from .errors import ConfigurationError, ModelNotSupportedError
+from .events import ChatResult, Event
 from .health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_provider
 from .messages import validate_messages
 from .retry import RetryPolicy
-from .sse import DEFAULT_MAX_LINE_BYTES
-from .stream import ChatRequest, ChatStream
+from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
+from .stream import ChatRequest, ChatStream, PreparedCall
 from .transport import Proxy, Timeout, fetch_json
 
+P = TypeVar("P", bound="Provider")
+
 # Per-call keyword arguments that configure the call instead of going into the request body.
-CALL_OPTIONS = frozenset(
-    {"timeout", "max_retries", "retry_delay", "retry_policy", "headers", "api_key", "strict", "max_line_bytes"}
-)
+CALL_OPTIONS = frozenset({
+    "timeout", "max_attempts", "max_retries", "retry_delay", "retry_policy", "headers", "api_key", "strict",
+    "max_line_bytes", "max_event_bytes", "extra_body",
+})
+# Request-body fields of OpenAI's and common servers' chat APIs: never mistaken for a typo of a call
+# option, however close their names.
+BODY_FIELDS = frozenset({
+    "messages", "model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+    "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty", "repeat_penalty",
+    "logit_bias", "logprobs", "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "functions", "function_call", "reasoning_effort", "modalities", "audio", "prediction",
+    "metadata", "store", "service_tier", "web_search_options", "verbosity", "grammar", "json_schema",
+})
 
 BROWSER_USER_AGENT = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -53,7 +71,7 @@ class Provider:
     api_key: ClassVar[str | None] = None
     api_key_env: ClassVar[str | None] = None  # env var read when api_key is not set
     needs_auth: ClassVar[bool] = False
-    max_retries: ClassVar[int] = 5  # attempts in all, the first included (seed semantics)
+    max_retries: ClassVar[int] = 5  # attempts in all, the first included (the seed's name; = max_attempts)
     retry_delay: ClassVar[float] = 2.0  # first backoff delay, doubled each retry
     timeout: ClassVar[Timeout] = Timeout()
 
@@ -64,17 +82,23 @@ class Provider:
         return cls.label or cls.__name__
 
     @classmethod
-    def configure(cls, *, name: str | None = None, **attributes: Any) -> type[Provider]:
+    def configure(cls: type[P], *, name: str | None = None, **attributes: Any) -> type[P]:
         """A subclass with some class attributes changed, without writing a class.
 
-        ``OpenAICompatible.configure(url="http://127.0.0.1:8080", api_key="...")``
+        ``OpenAICompatible.configure(url="http://127.0.0.1:8080", api_key="...")``. Only settings can
+        be changed: an unknown name, a private one or a method is refused.
         """
         unknown = sorted(k for k in attributes if not hasattr(cls, k) or k.startswith("_"))
         if unknown:
             raise ConfigurationError(f"{cls.name()}.configure: unknown attribute(s): {', '.join(unknown)}")
+        methods = sorted(k for k in attributes if _is_method(cls, k))
+        if methods:
+            raise ConfigurationError(f"{cls.name()}.configure: {', '.join(methods)}: a method, not a setting")
         if "timeout" in attributes:
             attributes["timeout"] = Timeout.coerce(attributes["timeout"])
         if name is not None:
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(f"{cls.name()}.configure: name must be a non-empty string, got {name!r}")
             attributes["label"] = name
         return type(name or cls.__name__, (cls,), attributes)
 
@@ -82,10 +106,10 @@ class Provider:
     def get_model(cls, model: str | None) -> str:
         """Resolve ``model``: empty → ``default_model``; aliases honoured; checked against ``models``."""
         if model is not None and not isinstance(model, str):
-            raise ConfigurationError(f"model must be a string, got {type(model).__name__}")
+            raise ConfigurationError(f"model must be a string, got {type(model).__name__}", param="model")
         if not model:
             if not cls.default_model:
-                raise ConfigurationError(f"{cls.name()} has no default model; pass model=...")
+                raise ConfigurationError(f"{cls.name()} has no default model; pass model=...", param="model")
             return cls.default_model
         model = cls.model_aliases.get(model, model)
         if cls.models and model not in cls.models:
@@ -145,8 +169,13 @@ class Provider:
     def build_request(
         cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any
     ) -> ChatRequest:
-        """Validate everything and build the request; no I/O happens here."""
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
+        """Validate everything and build the request; no I/O happens here.
+
+        The body is ``messages``, ``stream: true`` and ``model``, then ``default_params``, then the
+        keyword arguments that are not call options (``None`` means "not set"), then ``extra_body``
+        as given (``None`` there is sent as ``null``, as openai-python does).
+        """
+        options = _call_options(kwargs)
         checked = validate_messages(messages)
         resolved_model = cls.get_model(model)
         url = cls.endpoint_url()
@@ -154,26 +183,25 @@ class Provider:
         body: dict[str, Any] = {"messages": checked, "stream": True, "model": resolved_model}
         body.update(cls.default_params)
         body.update({k: v for k, v in kwargs.items() if v is not None})
+        body.update(options.get("extra_body") or {})
         payload = _serialise(body)
 
         headers = cls.default_headers()
         _override_headers(headers, cls.headers)
         call_headers = options.get("headers")
         if call_headers is not None:
-            if not isinstance(call_headers, Mapping):
-                raise ConfigurationError("headers must be a mapping of header names to values")
             _override_headers(headers, {str(k): str(v) for k, v in call_headers.items()})
         api_key = cls.resolve_api_key(options.get("api_key"))
         if api_key:
             _override_headers(headers, {"authorization": f"Bearer {api_key}"})
         elif cls.needs_auth:
             where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
-            raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}")
+            raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}", param="api_key")
 
         parsed_proxy = None
         if proxy:
             if not isinstance(proxy, str):
-                raise ConfigurationError(f"proxy must be a URL string, got {type(proxy).__name__}")
+                raise ConfigurationError(f"proxy must be a URL string, got {type(proxy).__name__}", param="proxy")
             parsed_proxy = Proxy.parse(proxy)
 
         return ChatRequest(
@@ -184,8 +212,9 @@ class Provider:
             proxy=parsed_proxy,
             timeout=Timeout.coerce(options["timeout"]) if options.get("timeout") is not None else cls.timeout,
             retry=_retry_policy(cls, options),
-            strict=bool(options.get("strict", False)),
-            max_line_bytes=int(options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES)),
+            strict=options.get("strict", False),
+            max_line_bytes=options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
+            max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             secrets=tuple(s for s in (api_key, parsed_proxy.password if parsed_proxy else None) if s),
             payload=payload,
         )
@@ -193,9 +222,21 @@ class Provider:
     # -- calling -------------------------------------------------------------------------------
 
     @classmethod
+    def prepare(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> PreparedCall:
+        """Validate the call now (no I/O) and return it ready to start: ``prepare(...).open()``."""
+        request = cls.build_request(model, messages, proxy, **kwargs)
+        return PreparedCall(request, partial(cls.stream_for, request))
+
+    @classmethod
+    def stream_for(cls, request: ChatRequest) -> ChatStream:
+        """The stream that sends ``request`` (a provider with its own stream type overrides this)."""
+        return ChatStream(request)
+
+    @classmethod
     def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
-        """Start a streamed answer: an async iterator of text with ``.stats`` and ``.result``."""
-        return ChatStream(cls.build_request(model, messages, proxy, **kwargs))
+        """Start a streamed answer: an async iterator of text, with ``.events()``, ``.stats`` and,
+        once finished, ``.result``."""
+        return cls.prepare(model, messages, proxy, **kwargs).open()
 
     @classmethod
     async def create_async_generator(
@@ -210,8 +251,18 @@ class Provider:
             await stream.aclose()
 
     @classmethod
+    async def events(
+        cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Event]:
+        """Yield the answer's typed events as they arrive (see :meth:`ChatStream.events`)."""
+        stream = cls.stream(model, messages, proxy, **kwargs)
+        async with aclosing(stream.events()) as events:
+            async for event in events:
+                yield event
+
+    @classmethod
     async def complete(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
-        """The whole answer with its ``finish_reason``, ``usage`` and ``model``."""
+        """The whole answer as a :class:`ChatResult`: text, ``finish_reason``, ``usage``, ``tool_calls``…"""
         async with cls.stream(model, messages, proxy, **kwargs) as stream:
             async for _ in stream:
                 pass
@@ -219,8 +270,18 @@ class Provider:
         return stream.result
 
     @classmethod
+    def complete_sync(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
+        """:meth:`complete` for synchronous code."""
+        return _sync.run(cls.complete(model, messages, proxy, **kwargs))
+
+    @classmethod
+    def create(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
+        """The earlier name of :meth:`complete_sync` (a :class:`ChatResult`; ``str()`` of it is the text)."""
+        return cls.complete_sync(model, messages, proxy, **kwargs)
+
+    @classmethod
     async def create_async(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> str:
-        """The whole answer's text."""
+        """The whole answer's text only (gpt4free's name): ``(await complete(...)).text``."""
         return (await cls.complete(model, messages, proxy, **kwargs)).text
 
     @classmethod
@@ -231,11 +292,6 @@ class Provider:
         kwargs["stream"] = stream
         cls.build_request(model, messages, proxy, **dict(kwargs))  # fail fast, in the caller's frame
         return _sync.iterate(lambda: cls.create_async_generator(model, messages, proxy, **kwargs))
-
-    @classmethod
-    def create(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatResult:
-        """Synchronous whole answer."""
-        return _sync.run(cls.complete(model, messages, proxy, **kwargs))
 
     @classmethod
     async def check(
@@ -258,19 +314,51 @@ def _override_headers(headers: dict[str, str], overrides: Mapping[str, str]) -> 
         headers[name] = value
 
 
+def _call_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the call options out of ``kwargs`` (the rest is the body) and check them.
+
+    A name close to a call option that is no known body field is a typo: sending it upstream would
+    silently ignore what the caller meant.
+    """
+    for key in kwargs:
+        if key in CALL_OPTIONS or key in BODY_FIELDS:
+            continue
+        close = difflib.get_close_matches(key, CALL_OPTIONS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigurationError(
+                f"unknown option {key!r}: did you mean {close[0]!r}? (a request-body field of that name "
+                f"goes in extra_body={{{key!r}: ...}})",
+                param=key,
+            )
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in CALL_OPTIONS}
+    if "max_attempts" in options and "max_retries" in options:
+        raise ConfigurationError("pass max_attempts or its older name max_retries, not both", param="max_attempts")
+    for name, kind in (("extra_body", Mapping), ("headers", Mapping), ("strict", bool)):
+        value = options.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise ConfigurationError(f"{name} must be a {kind.__name__}, got {type(value).__name__}", param=name)
+    for limit in ("max_line_bytes", "max_event_bytes"):
+        if limit in options:
+            _checks.whole(limit, options[limit], unit="bytes")
+    return options
+
+
 def _retry_policy(cls: type[Provider], options: Mapping[str, Any]) -> RetryPolicy:
     policy = options.get("retry_policy")
     if policy is not None:
         if not isinstance(policy, RetryPolicy):
-            raise ConfigurationError("retry_policy must be a netfly.RetryPolicy")
+            raise ConfigurationError("retry_policy must be a netfly.RetryPolicy", param="retry_policy")
         return policy
-    attempts = options.get("max_retries", cls.max_retries)
-    delay = options.get("retry_delay", cls.retry_delay)
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
-        raise ConfigurationError(f"max_retries must be a whole number of attempts >= 1, got {attempts!r}")
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-        raise ConfigurationError(f"retry_delay must be a number of seconds >= 0, got {delay!r}")
-    return RetryPolicy(max_attempts=attempts, initial_delay=float(delay))
+    name = "max_attempts" if "max_attempts" in options else "max_retries"
+    attempts = _checks.whole(name, options.get(name, cls.max_retries), unit="attempts")
+    delay = _checks.seconds("retry_delay", options.get("retry_delay", cls.retry_delay))
+    return RetryPolicy(max_attempts=attempts, initial_delay=delay)
+
+
+def _is_method(cls: type, name: str) -> bool:
+    """Whether ``name`` was declared as a method (by the class that first defined it)."""
+    declared = next((vars(c)[name] for c in reversed(cls.__mro__) if name in vars(c)), None)
+    return isinstance(declared, (classmethod, staticmethod, property, FunctionType))
 
 
 def _serialise(body: dict[str, Any]) -> bytes:
@@ -282,5 +370,5 @@ def _serialise(body: dict[str, Any]) -> bytes:
         try:
             json.dumps(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"request field {key!r} is not JSON-serialisable: {exc}") from None
+            raise ConfigurationError(f"request field {key!r} is not JSON-serialisable: {exc}", param=key) from None
     raise ConfigurationError("request body is not JSON-serialisable")

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import NetflyTimeoutError, ProxyError, ResponseStatusError, TransportError
+from . import _checks
+from .errors import ConfigurationError, NetflyTimeoutError, ProxyError, ResponseStatusError, TransportError
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -22,7 +23,9 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 class RetryPolicy:
     """Exponential backoff with jitter and a cap.
 
-    ``max_attempts`` counts every attempt, the first included (the seed's ``max_retries``).
+    ``max_attempts`` counts every attempt, the first included (the seed called it ``max_retries``;
+    openai-python and httpx count retries, the first attempt excluded). Bad settings raise
+    :class:`ConfigurationError`.
     The n-th retry waits ``initial_delay * multiplier**(n-1)``, capped at ``max_delay``, scaled by a
     random factor in ``[1 - jitter, 1 + jitter]``. A server's ``Retry-After`` replaces that delay; one
     longer than ``max_retry_after`` is not waited for: the error is raised with its ``retry_after``.
@@ -37,12 +40,15 @@ class RetryPolicy:
     random: Callable[[], float] = field(default=random.random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if self.initial_delay < 0 or self.max_delay < 0:
-            raise ValueError("delays must not be negative")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
+        _checks.whole("max_attempts", self.max_attempts, unit="attempts")
+        for name in ("initial_delay", "max_delay", "max_retry_after"):
+            _checks.seconds(name, getattr(self, name))
+        multiplier = self.multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier >= 1:
+            raise ConfigurationError(f"multiplier must be a number >= 1, got {multiplier!r}", param="multiplier")
+        jitter = self.jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+            raise ConfigurationError(f"jitter must be a number between 0 and 1, got {jitter!r}", param="jitter")
 
     def delay_for(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or ``None`` to give up.

@@ -1,16 +1,23 @@
-"""Routing: one provider made of several — fallback, circuit breaker, fastest-first order, hedging.
+"""Routing: one provider made of several — fallback, circuit breaker, pluggable order, hedging.
 
-    Fallback = RetryProvider([Local, OpenAI, FreeNetfly], hedge_after=1.5)
+    Fallback = RetryProvider([Local, OpenAI, FreeNetfly], hedge_after=1.5, strategy=Fastest())
     async for text in Fallback.create_async_generator(None, messages):
         ...  # text from whichever provider served
 
-The result is a provider class like any other: it has the whole ``Provider`` API, can be registered
-for the CLI and the gateway, and can even be a member of another router.
+:func:`RetryProvider` returns a *class* (a :class:`RoutedProvider` subclass), not an instance: a
+provider like any other, with the whole ``Provider`` API, which can be registered for the CLI and
+the gateway, and can even be a member of another router.
 
-One rule keeps the output clean: a provider is left for the next one only *before* its first
-chunk. Once text has reached the caller, a failure is raised as the provider raised it (a cut stream
-as :class:`StreamInterruptedError`); no other provider's text is ever appended to it. When every provider fails,
-:class:`AllProvidersFailedError` lists each one with its own error.
+One rule keeps the output clean: a provider is left for the next one only *before* its first output
+(text, reasoning, a tool-call fragment or a refusal). Once output has reached the caller, a failure
+is raised as the provider raised it (a cut stream as :class:`StreamInterruptedError`); no other
+provider's output is ever appended to it. When every provider fails, :class:`AllProvidersFailedError`
+lists each one with its own error.
+
+The order providers are tried in is a *strategy*: :class:`Ordered` (as configured), :class:`Shuffled`
+(spreads load) or :class:`Fastest` (best recent time to first output), or any callable
+``(providers, breakers) -> list``. The router's memory of each provider (circuit breaker, speed) is
+its :class:`CircuitBreakers`; live checks of a provider are :mod:`netfly.health`.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, Protocol
 
+from . import _checks
+from .chunks import Item
 from .errors import (
     AllProvidersFailedError,
     CircuitOpenError,
@@ -31,14 +41,13 @@ from .errors import (
     ModelNotSupportedError,
     NetflyError,
 )
-from .health import format_stats
 from .messages import validate_messages
 from .provider import Provider
-from .stream import AttemptRecord, ChatRequest, ChatStream, StreamStats
+from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
 
 __all__ = [
-    "HealthBook", "ProviderHealth", "RetryProvider", "RoutePlan", "RoutedAttempt", "RoutedProvider",
-    "RoutedStream", "RoutedStreamStats", "format_stats",
+    "CircuitBreakers", "Fastest", "Ordered", "ProviderRecord", "RetryProvider", "RoutePlan", "RoutedAttempt",
+    "RoutedProvider", "RoutedStream", "RoutedStreamStats", "Shuffled", "Strategy",
 ]
 
 logger = logging.getLogger("netfly")
@@ -50,7 +59,7 @@ _TTFT_WEIGHT = 0.3  # weight of the newest time-to-first-token sample in the run
 
 
 @dataclass
-class ProviderHealth:
+class ProviderRecord:
     """A router's memory of one provider: its circuit breaker and its recent speed."""
 
     name: str
@@ -63,8 +72,9 @@ class ProviderHealth:
     last_error: str | None = None
 
 
-class HealthBook:
-    """Circuit breakers and time-to-first-token averages of one router's providers.
+class CircuitBreakers:
+    """Circuit breakers and time-to-first-token averages of one router's providers (its memory;
+    :func:`netfly.health.check_provider` is the live check).
 
     A provider that fails ``failure_threshold`` times in a row is skipped for ``cooldown`` seconds.
     Then one trial request is let through (half-open): success closes the circuit, failure opens it
@@ -77,15 +87,15 @@ class HealthBook:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.clock = clock
-        self._entries: dict[type[Provider], ProviderHealth] = {}
+        self._entries: dict[type[Provider], ProviderRecord] = {}
 
-    def entry(self, provider: type[Provider]) -> ProviderHealth:
+    def entry(self, provider: type[Provider]) -> ProviderRecord:
         found = self._entries.get(provider)
         if found is None:
-            found = self._entries[provider] = ProviderHealth(provider.name())
+            found = self._entries[provider] = ProviderRecord(provider.name())
         return found
 
-    def snapshot(self) -> list[ProviderHealth]:
+    def snapshot(self) -> list[ProviderRecord]:
         """Copies of every entry, for reports."""
         return [replace(entry) for entry in self._entries.values()]
 
@@ -139,24 +149,51 @@ class HealthBook:
         """The provider's request was cancelled: neither a success nor a failure."""
         self.entry(provider).probing = False
 
-    def order(
-        self, providers: Iterable[type[Provider]], *, shuffle: bool = False, prefer_fastest: bool = False
-    ) -> list[type[Provider]]:
-        """The order to try ``providers`` in.
-
-        ``prefer_fastest``: fewest recent failures first, then the best average time to first
-        token; a provider not measured yet counts as fastest, so each one gets measured.
-        """
-        ordered = list(providers)
-        if shuffle:
-            random.shuffle(ordered)
-        if prefer_fastest:
-            ordered.sort(key=self._speed_key)  # stable: ties keep the configured (or shuffled) order
-        return ordered
-
-    def _speed_key(self, provider: type[Provider]) -> tuple[int, float]:
+    def speed_key(self, provider: type[Provider]) -> tuple[int, float]:
+        """Fewest recent failures first, then the best average time to first output; a provider not
+        measured yet counts as fastest, so each one gets measured."""
         entry = self.entry(provider)
         return entry.consecutive_failures, entry.time_to_first_token or 0.0
+
+
+# -- strategies: the order providers are tried in ---------------------------------------------------
+
+
+class Strategy(Protocol):
+    """Any callable that orders a router's providers for one call."""
+
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]: ...
+
+
+@dataclass(frozen=True)
+class Ordered:
+    """The configured order."""
+
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
+        return list(providers)
+
+
+@dataclass(frozen=True)
+class Shuffled:
+    """A new random order on every call (spreads load)."""
+
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
+        ordered = list(providers)
+        random.shuffle(ordered)
+        return ordered
+
+
+@dataclass(frozen=True)
+class Fastest:
+    """Fewest recent failures, then best recent time to first output first (see
+    :meth:`CircuitBreakers.speed_key`); ties keep the configured order, or a random one with ``shuffle``."""
+
+    shuffle: bool = False
+
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
+        ordered = Shuffled()(providers, breakers) if self.shuffle else list(providers)
+        ordered.sort(key=breakers.speed_key)  # stable
+        return ordered
 
 
 # -- the router provider ---------------------------------------------------------------------------
@@ -181,36 +218,39 @@ class RoutedStreamStats(StreamStats):
 
 @dataclass
 class RoutePlan:
-    """A validated routed call: the model to ask for, the options for every provider, and each
-    provider with the request it would send or the configuration error that rules it out."""
+    """A validated routed call: the model to ask for, and each provider with its prepared call
+    (built once, started only if the provider is tried) or the configuration error ruling it out."""
 
     model: str
-    kwargs: dict[str, Any]
-    steps: list[tuple[type[Provider], ChatRequest | ConfigurationError]]
+    steps: list[tuple[type[Provider], PreparedCall | ConfigurationError]]
 
     @property
-    def first_request(self) -> ChatRequest:
-        return next(outcome for _, outcome in self.steps if isinstance(outcome, ChatRequest))
+    def first_call(self) -> PreparedCall:
+        return next(outcome for _, outcome in self.steps if isinstance(outcome, PreparedCall))
 
 
 class RoutedProvider(Provider):
     """A provider that routes each call over ``providers``. Make one with :func:`RetryProvider`.
 
     Class attributes:
-      ``providers``            the providers, in the order they are tried;
-      ``shuffle``              shuffle that order on every call (spreads load);
-      ``prefer_fastest``       try the provider with the best recent time to first token first;
-      ``hedge_after``          seconds without a chunk before the next provider starts in parallel
-                               (``None``: one at a time); the first to yield a chunk wins and the
+      ``providers``            the providers;
+      ``strategy``             the order they are tried in on each call: :class:`Ordered` (default),
+                               :class:`Shuffled`, :class:`Fastest` or any callable
+                               ``(providers, breakers) -> list`` (``shuffle`` and ``prefer_fastest``,
+                               booleans, are the older way to say ``Shuffled()`` / ``Fastest()``);
+      ``hedge_after``          seconds without output before the next provider starts in parallel
+                               (``None``: one at a time); the first to yield output wins and the
                                others are cancelled, their connections closed;
       ``failure_threshold``    failures in a row before a provider is skipped (``None``: never);
       ``cooldown``             seconds a failing provider is skipped before one trial request;
       ``provider_max_retries`` attempts each provider gets within a routed call (``None``: its own
-                               ``max_retries``); a per-call ``max_retries=`` overrides both.
+                               ``max_retries``); a per-call ``max_attempts=`` overrides both.
+      ``breakers``             the router's :class:`CircuitBreakers` (its memory of each provider).
     """
 
     label = "RoutedProvider"
     providers: ClassVar[Sequence[type[Provider]]] = ()
+    strategy: ClassVar[Strategy | None] = None
     shuffle: ClassVar[bool] = False
     prefer_fastest: ClassVar[bool] = False
     hedge_after: ClassVar[float | None] = None
@@ -218,7 +258,7 @@ class RoutedProvider(Provider):
     cooldown: ClassVar[float] = 30.0
     provider_max_retries: ClassVar[int | None] = None
     default_model = ""  # empty: each provider uses its own default model
-    health: ClassVar[HealthBook]
+    breakers: ClassVar[CircuitBreakers]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -229,14 +269,22 @@ class RoutedProvider(Provider):
             cls.working = any(p.working for p in cls.providers)
         if "models" not in own:
             cls.models = _union_models(cls.providers)
-        cls.health = HealthBook(cls.failure_threshold, cls.cooldown)  # every router remembers on its own
+        cls.breakers = CircuitBreakers(cls.failure_threshold, cls.cooldown)  # every router remembers on its own
+
+    @classmethod
+    def order(cls, providers: Sequence[type[Provider]]) -> list[type[Provider]]:
+        """The order to try ``providers`` in for one call, by the router's strategy."""
+        strategy = cls.strategy
+        if strategy is None:
+            strategy = Fastest(shuffle=cls.shuffle) if cls.prefer_fastest else Shuffled() if cls.shuffle else Ordered()
+        return list(strategy(providers, cls.breakers))
 
     @classmethod
     def get_model(cls, model: str | None) -> str:
         """Empty → ``default_model`` (by default empty too: each provider then uses its own);
         otherwise the model, which at least one provider must support."""
         if model is not None and not isinstance(model, str):
-            raise ConfigurationError(f"model must be a string, got {type(model).__name__}")
+            raise ConfigurationError(f"model must be a string, got {type(model).__name__}", param="model")
         if not model:
             return cls.default_model
         model = cls.model_aliases.get(model, model)
@@ -273,30 +321,35 @@ class RoutedProvider(Provider):
         _refuse_shared_key(cls, kwargs.get("api_key"))
         validate_messages(messages)  # one clear error instead of the same one per provider
         resolved = cls.get_model(model)
-        if cls.provider_max_retries is not None:
+        if cls.provider_max_retries is not None and "max_attempts" not in kwargs:
             kwargs.setdefault("max_retries", cls.provider_max_retries)
-        steps: list[tuple[type[Provider], ChatRequest | ConfigurationError]] = []
+        steps: list[tuple[type[Provider], PreparedCall | ConfigurationError]] = []
         for provider in cls.providers:
             try:
-                steps.append((provider, provider.build_request(resolved, messages, proxy, **dict(kwargs))))
+                steps.append((provider, provider.prepare(resolved, messages, proxy, **dict(kwargs))))
             except ConfigurationError as exc:
                 steps.append((provider, exc))
-        if not any(isinstance(outcome, ChatRequest) for _, outcome in steps):
+        if not any(isinstance(outcome, PreparedCall) for _, outcome in steps):
+            first = next(outcome for _, outcome in steps if isinstance(outcome, ConfigurationError))
             reasons = "; ".join(f"{p.name()}: {outcome}" for p, outcome in steps)
-            raise ConfigurationError(f"{cls.name()}: no provider can take this request: {reasons}")
-        return RoutePlan(resolved, kwargs, steps)
+            raise ConfigurationError(f"{cls.name()}: no provider can take this request: {reasons}", param=first.param)
+        return RoutePlan(resolved, steps)
 
     @classmethod
-    def build_request(
-        cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any
-    ) -> ChatRequest:
+    def prepare(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> PreparedCall:
+        """Validate the call (see :meth:`plan`); its ``request`` is the first available provider's."""
+        plan = cls.plan(model, messages, proxy, **kwargs)
+        return PreparedCall(plan.first_call.request, partial(RoutedStream, cls, plan))
+
+    @classmethod
+    def build_request(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatRequest:
         """Validate the call (see :meth:`plan`) and return the first available provider's request."""
-        return cls.plan(model, messages, proxy, **kwargs).first_request
+        return cls.prepare(model, messages, proxy, **kwargs).request
 
     @classmethod
     def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> RoutedStream:
-        """Start a routed answer: an async iterator of text with ``.stats`` and ``.result``."""
-        return RoutedStream(cls, cls.plan(model, messages, proxy, **kwargs), messages, proxy)
+        """Start a routed answer: a :class:`ChatStream` over whichever provider serves."""
+        return RoutedStream(cls, cls.plan(model, messages, proxy, **kwargs))
 
 
 def RetryProvider(  # named like the class it stands for, as in gpt4free
@@ -309,10 +362,13 @@ def RetryProvider(  # named like the class it stands for, as in gpt4free
     cooldown: float = 30.0,
     prefer_fastest: bool = False,
     hedge_after: float | None = None,
+    strategy: Strategy | None = None,
     **attributes: Any,
 ) -> type[RoutedProvider]:
-    """A provider class that tries ``providers`` in turn; see :class:`RoutedProvider`.
+    """Return a new provider *class* (a :class:`RoutedProvider` subclass) that routes over ``providers``.
 
+    ``strategy`` orders the providers on each call (default :class:`Ordered`; ``shuffle=True`` and
+    ``prefer_fastest=True`` are the older spellings of :class:`Shuffled` and :class:`Fastest`).
     ``max_retries`` is the number of attempts each provider gets within a routed call (``None``
     keeps each provider's own). Other class attributes (``default_model``, ``model_aliases``,
     ``working``…) may be passed too.
@@ -320,9 +376,10 @@ def RetryProvider(  # named like the class it stands for, as in gpt4free
     providers = tuple(providers)
     if not providers:
         raise ConfigurationError("RetryProvider needs at least one provider")
-    return RoutedProvider.configure(  # type: ignore[return-value]
+    return RoutedProvider.configure(
         name=name or "RetryProvider",
         providers=providers,
+        strategy=strategy,
         shuffle=shuffle,
         provider_max_retries=max_retries,
         failure_threshold=failure_threshold,
@@ -338,15 +395,14 @@ def _check_settings(cls: type[RoutedProvider]) -> None:
     for provider in cls.providers:
         if not (isinstance(provider, type) and issubclass(provider, Provider)):
             raise ConfigurationError(f"{where}: providers must be Provider classes, got {provider!r}")
-    hedge = cls.hedge_after
-    if hedge is not None and (isinstance(hedge, bool) or not isinstance(hedge, (int, float)) or hedge <= 0):
-        raise ConfigurationError(f"{where}: hedge_after must be a positive number of seconds or None, got {hedge!r}")
-    if isinstance(cls.cooldown, bool) or not isinstance(cls.cooldown, (int, float)) or cls.cooldown < 0:
-        raise ConfigurationError(f"{where}: cooldown must be a number of seconds >= 0, got {cls.cooldown!r}")
+    _checks.optional_seconds(f"{where}: hedge_after", cls.hedge_after, positive=True)
+    _checks.seconds(f"{where}: cooldown", cls.cooldown)
     for attr in ("failure_threshold", "provider_max_retries"):
-        value = getattr(cls, attr)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigurationError(f"{where}: {attr} must be a whole number >= 1 or None, got {value!r}")
+        _checks.optional_whole(f"{where}: {attr}", getattr(cls, attr))
+    if cls.strategy is not None and not callable(cls.strategy):
+        raise ConfigurationError(
+            f"{where}: strategy must be callable (providers, breakers) -> list, got {cls.strategy!r}"
+        )
 
 
 def _refuse_shared_key(cls: type[RoutedProvider], api_key: str | None) -> None:
@@ -377,112 +433,79 @@ def _accepts(provider: type[Provider], model: str) -> bool:
 # -- the routed stream -----------------------------------------------------------------------------
 
 
+_Queue = deque[tuple[type[Provider], PreparedCall]]  # providers still to try, with their calls
+
+
 @dataclass(eq=False)
 class _Runner:
-    """One provider's stream in a routed call, with the task waiting for its first chunk."""
+    """One provider's stream in a routed call, with the task reading it up to its first output."""
 
     provider: type[Provider]
     name: str
     stream: ChatStream
-    first: asyncio.Task[str]
+    first: asyncio.Task[tuple[list[Item], bool]]
     started: float
 
 
+async def _until_output(stream: ChatStream) -> tuple[list[Item], bool]:
+    """Read ``stream`` up to its first output; the items read, and whether the stream ended."""
+    items: list[Item] = []
+    while not stream.delivered:
+        try:
+            items.append(await stream._next_noted())
+        except StopAsyncIteration:
+            return items, True
+    return items, False
+
+
 class RoutedStream(ChatStream):
-    """The stream of a routed call: the :class:`ChatStream` interface over whichever provider wins.
+    """The stream of a routed call: a :class:`ChatStream` whose source is whichever provider wins.
 
     ``stats`` is a :class:`RoutedStreamStats`; ``request`` becomes the serving provider's request.
     """
 
-    # ChatStream.__init__ is not called: its attempt loop is replaced by routing (see _route).
-    def __init__(self, router: type[RoutedProvider], plan: RoutePlan, messages: Any, proxy: str | None) -> None:
-        self.router = router
-        self.request = plan.first_request
-        self.stats: RoutedStreamStats = RoutedStreamStats(
-            provider=router.name(), router=router.name(), model=plan.model or None
-        )
-        self.result = None
-        self._plan = plan
-        self._messages = messages
-        self._proxy = proxy
-        self._parts = []
-        self._iterator = self._route()
+    stats: RoutedStreamStats
 
-    async def _route(self) -> AsyncGenerator[str, None]:
-        router, stats, book = self.router, self.stats, self.router.health
-        started = time.monotonic()
+    def __init__(self, router: type[RoutedProvider], plan: RoutePlan) -> None:
+        self.router = router
+        self._plan = plan
+        stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
+        super().__init__(plan.first_call.request, stats=stats)
+
+    async def _source(self) -> AsyncGenerator[Item, None]:
+        stats, book = self.stats, self.router.breakers
+        self._started = started = time.monotonic()
         errors: dict[str, BaseException] = {}
+        calls: dict[type[Provider], PreparedCall] = {}
         for provider, outcome in self._plan.steps:
             if isinstance(outcome, ConfigurationError):
                 self._skip(errors, provider.name(), outcome)
-        usable = [provider for provider, outcome in self._plan.steps if isinstance(outcome, ChatRequest)]
-        queue = deque(book.order(usable, shuffle=router.shuffle, prefer_fastest=router.prefer_fastest))
+            else:
+                calls[provider] = outcome
+        queue = deque((p, calls[p]) for p in self.router.order(list(calls)))
         runners: list[_Runner] = []
-        chosen: _Runner | None = None
         winner: _Runner | None = None
         try:
-            # Race to the first chunk: providers fail over one by one, or overlap when hedging.
-            while chosen is None:
-                if not runners and not self._launch(queue, runners, errors):
-                    raise AllProvidersFailedError(errors)
-                wait = None
-                if router.hedge_after is not None and queue:
-                    wait = max(0.0, runners[-1].started + router.hedge_after - time.monotonic())
-                done, _ = await asyncio.wait(
-                    [runner.first for runner in runners], timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    logger.info(
-                        "%s: no text from %s after %.2f s; starting the next provider alongside",
-                        router.name(), runners[-1].name, router.hedge_after,
-                    )
-                    self._launch(queue, runners, errors)
-                    continue
-                for runner in [r for r in runners if r.first in done]:
-                    error = _first_chunk_error(runner.first)
-                    if error is None:
-                        chosen = chosen or runner  # a second one done in the same instant loses below
-                        continue
-                    runners.remove(runner)
-                    book.failed(runner.provider, error)
-                    self._collect(runner)
-                    errors[_unique(errors, runner.name)] = error
-                    logger.warning(
-                        "%s: %s failed before its first chunk (%s: %s)",
-                        router.name(), runner.name, type(error).__name__, error,
-                    )
-            runners.remove(chosen)
-            winner = chosen
-            await self._cancel(runners, f"{winner.name} answered first")
-            runners.clear()
-
+            winner = await self._race(queue, runners, errors)
             stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
-            try:
-                text = winner.first.result()
-            except StopAsyncIteration:  # an empty answer, complete
-                pass
-            else:
-                stats.time_to_first_token = time.monotonic() - started
-                while True:
-                    stats.chunks += 1
-                    stats.characters += len(text)
-                    self._parts.append(text)
-                    yield text
-                    try:
-                        text = await winner.stream.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except NetflyError as exc:
-                        # Text reached the caller: switching now would mix two answers. The
-                        # provider's error is raised as it is, as for a single provider: a cut
-                        # stream is already a StreamInterruptedError carrying the partial text.
-                        book.failed(winner.provider, exc)
-                        raise
-            self.result = winner.stream.result
-            if winner.stream.stats.model:
-                stats.model = winner.stream.stats.model
+            items, ended = winner.first.result()
+            for item in items:
+                yield item
+            while not ended:
+                try:
+                    yield await winner.stream._next_noted()
+                except StopAsyncIteration:
+                    ended = True
+                except NetflyError as exc:
+                    # Output reached the caller: switching now would mix two answers. The provider's
+                    # error is raised as it is, as for a single provider: a cut stream is already a
+                    # StreamInterruptedError carrying the partial result.
+                    book.failed(winner.provider, exc)
+                    raise
+            result = winner.stream.result
+            self._finish(result.malformed_chunks if result is not None else 0)
         finally:
             if runners:  # closed or cancelled during the race
                 await self._cancel(runners, "the routed stream was closed")
@@ -491,23 +514,67 @@ class RoutedStream(ChatStream):
                 self._collect(winner, None if self.result is not None else "closed before the end")
             stats.duration = time.monotonic() - started
 
-    def _launch(self, queue: deque[type[Provider]], runners: list[_Runner], errors: dict[str, BaseException]) -> bool:
+    async def _race(
+        self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
+    ) -> _Runner:
+        """Race to the first output: providers fail over one by one, or overlap when hedging."""
+        router, book = self.router, self.router.breakers
+        while True:
+            if not runners and not self._launch(queue, runners, errors):
+                raise AllProvidersFailedError(errors)
+            wait = None
+            if router.hedge_after is not None and queue:
+                wait = max(0.0, runners[-1].started + router.hedge_after - time.monotonic())
+            done, _ = await asyncio.wait(
+                [runner.first for runner in runners], timeout=wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                logger.info(
+                    "%s: no output from %s after %.2f s; starting the next provider alongside",
+                    router.name(), runners[-1].name, router.hedge_after,
+                )
+                self._launch(queue, runners, errors)
+                continue
+            chosen = None
+            for runner in [r for r in runners if r.first in done]:
+                error = _first_output_error(runner.first)
+                if error is None:
+                    chosen = chosen or runner  # a second one done in the same instant loses below
+                    continue
+                runners.remove(runner)
+                book.failed(runner.provider, error)
+                self._collect(runner)
+                errors[_unique(errors, runner.name)] = error
+                logger.warning(
+                    "%s: %s failed before its first output (%s: %s)",
+                    router.name(), runner.name, type(error).__name__, error,
+                )
+            if chosen is not None:
+                runners.remove(chosen)
+                await self._cancel(runners, f"{chosen.name} answered first")
+                runners.clear()
+                return chosen
+
+    def _launch(
+        self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
+    ) -> bool:
         """Start the next provider that may be tried; ``False`` when none is left."""
-        book = self.router.health
+        book = self.router.breakers
         while queue:
-            provider = queue.popleft()
+            provider, call = queue.popleft()
             name = provider.name()
             blocked = book.blocked(provider)
             if blocked is not None:
                 self._skip(errors, name, blocked)
                 continue
             try:
-                stream = provider.stream(self._plan.model, self._messages, self._proxy, **dict(self._plan.kwargs))
+                stream = call.open()
             except ConfigurationError as exc:
                 self._skip(errors, name, exc)
                 continue
             book.started(provider)
-            runners.append(_Runner(provider, name, stream, asyncio.create_task(stream.__anext__()), time.monotonic()))
+            task = asyncio.create_task(_until_output(stream))
+            runners.append(_Runner(provider, name, stream, task, time.monotonic()))
             return True
         return False
 
@@ -527,7 +594,7 @@ class RoutedStream(ChatStream):
             if not runner.first.cancelled():
                 runner.first.exception()  # finished in the same instant; its outcome is dropped
             await runner.stream.aclose()
-            self.router.health.released(runner.provider)
+            self.router.breakers.released(runner.provider)
             self._collect(runner, f"cancelled: {reason}")
 
     def _collect(self, runner: _Runner, unfinished: str | None = None) -> None:
@@ -549,10 +616,10 @@ class RoutedStream(ChatStream):
             ))
 
 
-def _first_chunk_error(task: asyncio.Task[str]) -> NetflyError | None:
-    """The error a provider failed with before its first chunk, or ``None`` when it answered."""
+def _first_output_error(task: asyncio.Task[tuple[list[Item], bool]]) -> NetflyError | None:
+    """The error a provider failed with before its first output, or ``None`` when it answered."""
     error = task.exception()
-    if error is None or isinstance(error, StopAsyncIteration):
+    if error is None:
         return None
     if isinstance(error, NetflyError):
         return error

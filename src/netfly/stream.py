@@ -1,57 +1,44 @@
-"""One streamed answer: the retry policy wrapped around whole attempts, each attempt flowing
-transport → SSE decoder → chunk interpreter → caller.
+"""One streamed answer: a stream object fed by a source of items, and the single-provider source —
+the retry policy wrapped around whole attempts, each attempt flowing transport → SSE decoder →
+chunk interpreter → caller.
+
+:class:`ChatStream` is the one stream type. It is iterated for text (the seed's contract) or through
+:meth:`ChatStream.events` for typed events, keeps the statistics and assembles the result. Where the
+items come from is its :meth:`ChatStream._source`: the retry loop here, routing in
+:mod:`netfly.routing`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-
 from . import _json
-from .chunks import ChatResult, ChunkInterpreter, error_message_from_body
+from .chunks import ChunkInterpreter, Item
 from .errors import (
     LocalServerError,
     NetflyError,
     NetflyTimeoutError,
-    ProxyError,
     StreamDecodeError,
     StreamInterruptedError,
     TransportError,
     UpstreamError,
-    error_for_status,
 )
+from .events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .redact import redact_headers, scrub
-from .retry import RetryPolicy, parse_retry_after
-from .sse import DEFAULT_MAX_LINE_BYTES, SSEDecoder
-from .transport import Proxy, SessionPool, Timeout, client_timeout, default_pool, translate_client_error
+from .retry import RetryPolicy
+from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
+from .transport import Proxy, SessionPool, StreamingResponse, Timeout, open_stream
 
 logger = logging.getLogger("netfly")
 
-_CLIENT_FAILURES: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-try:
-    import aiohttp_socks
-
-    # Not subclasses of each other, nor of OSError / TimeoutError: each is named.
-    _CLIENT_FAILURES += (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)
-except ImportError:  # pragma: no cover
-    pass
-
-_ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
-_READ_SIZE = 16 * 1024
-# After [DONE], how long to wait for the end of the body so the connection can be reused; a server
-# that keeps the body open longer only costs the caller this much.
-_DRAIN_AFTER_DONE = 0.25
 
 
 @dataclass
@@ -67,6 +54,7 @@ class ChatRequest:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     strict: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     secrets: tuple[str, ...] = ()
     payload: bytes = b""  # the serialised body; built once by the provider
 
@@ -76,6 +64,15 @@ class ChatRequest:
             f"headers={redact_headers(self.headers)!r}, model={self.body.get('model')!r}, "
             f"proxy={self.proxy!r}, timeout={self.timeout!r})"
         )
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """A validated call that has not started: ``request`` is what it sends (a router's: its first
+    provider's), ``open()`` starts its stream. Lets a router validate once and start later."""
+
+    request: ChatRequest
+    open: Callable[[], ChatStream]
 
 
 @dataclass
@@ -90,7 +87,11 @@ class AttemptRecord:
 
 @dataclass
 class StreamStats:
-    """Figures of one streamed answer, filled in as it runs."""
+    """Figures of one streamed answer, filled in as it runs.
+
+    ``time_to_first_token``: seconds until the first output of any kind (text, reasoning, a tool-call
+    fragment, a refusal); ``chunks``: deltas with output; ``characters``: characters of text.
+    """
 
     provider: str
     model: str | None = None
@@ -104,26 +105,60 @@ class StreamStats:
 class ChatStream:
     """An async iterator of answer text that also exposes ``.stats`` and, once done, ``.result``.
 
-    Iterate it once. Leaving the loop early (``break``) closes the connection when the stream is
-    garbage-collected; use ``async with`` or :meth:`aclose` to close it at a known point.
+    Iterate it once, either for text (``async for text in stream``) or for typed events
+    (``async for event in stream.events()``), not both. Leaving the loop early (``break``) closes the
+    connection when the stream is garbage-collected; use ``async with`` or :meth:`aclose` to close
+    it at a known point.
     """
 
-    def __init__(self, request: ChatRequest, pool: SessionPool | None = None) -> None:
+    def __init__(
+        self, request: ChatRequest, pool: SessionPool | None = None, *, stats: StreamStats | None = None
+    ) -> None:
         self.request = request
-        self.stats = StreamStats(provider=request.provider, model=request.body.get("model"))
+        self.stats = stats or StreamStats(provider=request.provider, model=request.body.get("model"))
         self.result: ChatResult | None = None
-        self._pool = pool or default_pool
-        self._parts: list[str] = []
-        self._iterator = self._run()
+        self._pool = pool
+        self._started = 0.0  # monotonic time the source started; set by the source
+        self._events_mode = False
+        self._accumulate(ChatAccumulator())
+        self._items = self._source()
+        self._next_item = self._items.__anext__
+
+    # -- iteration -----------------------------------------------------------------------------
 
     def __aiter__(self) -> ChatStream:
         return self
 
     async def __anext__(self) -> str:
-        return await self._iterator.__anext__()
+        while True:
+            item = await self._next_item()
+            if isinstance(item, str):
+                self._note_text(item)
+                return item
+            text = self._note_events(item)
+            if text:
+                return text
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """The answer as typed events, in order: :class:`ChunkMeta`, :class:`ChoiceDelta` and
+        :class:`Usage` (see :mod:`netfly.events`), finish reasons and usage included."""
+        if self._events_mode or self._started:
+            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
+        self._events_mode = True
+        try:
+            async for item in self._items:
+                if isinstance(item, str):
+                    self._note_text(item)
+                    yield ChoiceDelta(text=item)
+                else:
+                    self._note_events(item)
+                    for event in item:
+                        yield event
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
-        await self._iterator.aclose()
+        await self._items.aclose()
 
     async def __aenter__(self) -> ChatStream:
         return self
@@ -135,12 +170,77 @@ class ChatStream:
 
     @property
     def text(self) -> str:
-        """The text received so far."""
+        """The text (of choice 0) received so far."""
         return "".join(self._parts)
 
-    async def _run(self) -> AsyncGenerator[str, None]:
+    # -- bookkeeping, for every source ---------------------------------------------------------
+
+    def _accumulate(self, accumulator: ChatAccumulator) -> None:
+        """Assemble the result in ``accumulator`` from now on (a fresh one when an attempt is retried)."""
+        self._acc = accumulator
+        self._parts = accumulator.text_parts(0)
+
+    def _note_text(self, text: str) -> None:
+        stats = self.stats
+        if stats.time_to_first_token is None:
+            stats.time_to_first_token = time.monotonic() - self._started
+        stats.chunks += 1
+        stats.characters += len(text)
+        self._parts.append(text)
+
+    def _note_events(self, events: list[Event]) -> str | None:
+        """Account for ``events``; return choice 0's text among them (what text iteration yields)."""
+        stats, text = self.stats, None
+        for event in events:
+            self._acc.add(event)
+            if type(event) is ChoiceDelta and event.has_output:
+                if stats.time_to_first_token is None:
+                    stats.time_to_first_token = time.monotonic() - self._started
+                stats.chunks += 1
+                if event.text:
+                    stats.characters += len(event.text)
+                    if event.index == 0:
+                        text = event.text if text is None else text + event.text
+        return text
+
+    async def _next_noted(self) -> Item:
+        """The next item, accounted for: how a router reads the stream of the provider it chose."""
+        item = await self._next_item()
+        if isinstance(item, str):
+            self._note_text(item)
+        else:
+            self._note_events(item)
+        return item
+
+    @property
+    def delivered(self) -> bool:
+        """Whether output of any kind has reached the caller: from then on nothing may be retried."""
+        return self.stats.time_to_first_token is not None
+
+    def _partial_result(self, malformed_chunks: int = 0) -> ChatResult:
+        return self._acc.result(malformed_chunks=malformed_chunks)
+
+    def _finish(self, malformed_chunks: int) -> None:
+        self.result = self._acc.result(malformed_chunks=malformed_chunks)
+        if self.result.model:
+            self.stats.model = self.result.model
+
+    # -- hooks of a provider's own stream ------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        """Awaited once before the first attempt, outside retries and the total timeout
+        (``Local`` starts its server here)."""
+
+    async def _explain(self, error: NetflyError) -> NetflyError:
+        """A failed attempt's error, or a truer one (``Local`` names a crashed child)."""
+        return error
+
+    # -- the source: retries around whole attempts ---------------------------------------------
+
+    async def _source(self) -> AsyncGenerator[Item, None]:
         request, stats = self.request, self.stats
-        started = time.monotonic()
+        await self._prepare()
+        self._started = started = time.monotonic()
         deadline = started + request.timeout.total if request.timeout.total else None
         attempt = 0
         try:
@@ -154,54 +254,49 @@ class ChatStream:
                 try:
                     # aclosing: leaving early closes the attempt (and its connection) right here,
                     # not whenever the garbage collector gets to it.
-                    async with aclosing(self._attempt(interpreter, deadline)) as texts:
-                        async for text in texts:
-                            if stats.time_to_first_token is None:
-                                stats.time_to_first_token = time.monotonic() - started
-                            stats.chunks += 1
-                            stats.characters += len(text)
-                            self._parts.append(text)
-                            yield text
+                    async with aclosing(self._attempt(interpreter, deadline)) as items:
+                        async for item in items:
+                            yield item
                 except NetflyError as exc:
-                    error: NetflyError = await self._explain(_scrub_error(exc, request.secrets))
+                    error = await self._explain(_scrub_error(exc, request.secrets))
                 else:
                     record.duration = time.monotonic() - attempt_started
-                    self.result = interpreter.result(self.text)
-                    if interpreter.model:
-                        stats.model = interpreter.model
+                    self._finish(interpreter.malformed_chunks)
                     return
                 record.duration = time.monotonic() - attempt_started
                 record.error = f"{type(error).__name__}: {error}"
                 record.status = getattr(error, "status", None)
-                if self._parts:
-                    # Text already reached the caller: a retry would repeat it. Only a cut stream
-                    # (the local server's death included) is an interruption; an in-stream error or
-                    # a decode error keeps its own type.
-                    if not isinstance(error, (TransportError, LocalServerError)):
-                        raise error
-                    raise StreamInterruptedError(
-                        f"{request.provider}: stream interrupted after {len(self.text)} characters: {error}",
-                        self.text,
-                    ) from error
-                delay = request.retry.delay_for(attempt, error)
-                if delay is None:
-                    raise error
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise error
-                logger.warning(
-                    "%s: attempt %d/%d failed (%s); retrying in %.2f s",
-                    request.provider, attempt, request.retry.max_attempts, record.error, delay,
-                )
-                await asyncio.sleep(delay)
+                await self._before_retry(attempt, error, deadline, interpreter)
         finally:
             stats.duration = time.monotonic() - started
 
-    async def _explain(self, error: NetflyError) -> NetflyError:
-        """A failed attempt's error, or a truer one: a hook for streams that know their server
-        (``Local``'s replaces a cut connection with the child's crash, which is not retried)."""
-        return error
+    async def _before_retry(
+        self, attempt: int, error: NetflyError, deadline: float | None, interpreter: ChunkInterpreter
+    ) -> None:
+        """Raise ``error`` unless another attempt is allowed; then wait for it."""
+        request = self.request
+        if self.delivered:
+            # Output already reached the caller: a retry would repeat it. Only a cut stream (the
+            # local server's death included) is an interruption; an in-stream error or a decode
+            # error keeps its own type.
+            if not isinstance(error, (TransportError, LocalServerError)):
+                raise error
+            raise StreamInterruptedError(
+                f"{request.provider}: stream interrupted after {len(self.text)} characters: {error}",
+                self.text,
+                self._partial_result(interpreter.malformed_chunks),
+            ) from error
+        delay = request.retry.delay_for(attempt, error)
+        if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+            raise error
+        logger.warning(
+            "%s: attempt %d/%d failed (%s); retrying in %.2f s",
+            request.provider, attempt, request.retry.max_attempts, self.stats.attempts[-1].error, delay,
+        )
+        self._accumulate(ChatAccumulator())  # nothing of the failed attempt was output: forget it
+        await asyncio.sleep(delay)
 
-    async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncGenerator[str, None]:
+    async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncGenerator[Item, None]:
         request = self.request
         remaining = None
         if deadline is not None:
@@ -210,115 +305,53 @@ class ChatStream:
                 raise NetflyTimeoutError(
                     f"{request.provider}: total timeout of {request.timeout.total} s exceeded", "total"
                 )
-        proxy = request.proxy
-        http_proxy = proxy if proxy is not None and not proxy.is_socks else None
-        headers, proxy_headers = _with_proxy_authorization(request, http_proxy)
-        try:
-            session = await self._pool.session(proxy)
-            response = await session.post(
-                request.url,
-                data=_request_body(request),
-                headers=headers,
-                proxy=http_proxy.url_without_credentials if http_proxy else None,
-                proxy_headers=proxy_headers,
-                timeout=client_timeout(request.timeout, remaining),
-            )
-        except _CLIENT_FAILURES as exc:
-            raise self._transport_error(exc) from None
-        finished = False
-        try:
-            try:
-                if response.status >= 300:
-                    raise await self._status_error(response)
-                content_type = response.content_type
-                if content_type == "application/json":
-                    body = await _read_limited(response, _JSON_BODY_LIMIT)
-                    try:
-                        parsed = _json.loads(body)
-                    except _json.JSONDecodeError as exc:
-                        raise StreamDecodeError(f"{request.provider}: invalid JSON reply: {exc}") from None
-                    text = interpreter.interpret_completion(parsed)
-                    finished = True
-                    if text:
-                        yield text
-                    return
-                if content_type == "text/html":
-                    snippet = (await _read_limited(response, 2048)).decode("utf-8", "replace")
-                    raise UpstreamError(
-                        f"{request.provider}: expected an event stream, got an HTML page: {snippet[:200]!r}"
-                    )
-                decoder = SSEDecoder(request.max_line_bytes)
-                content = response.content
-                interpret = interpreter.interpret
-                # Reads of at most 16 KiB: a burst (a fast server, a proxy flushing its buffer) is
-                # decoded a slice at a time, so its first text is not held back behind the whole burst.
-                async for raw in content.iter_chunked(_READ_SIZE):
-                    for event in decoder.feed(raw):
-                        text = interpret(event)
-                        if text is not None:
-                            yield text
-                        elif interpreter.done:
-                            break
-                    if interpreter.done:
-                        break
-                else:
-                    for event in decoder.flush():
-                        text = interpret(event)
-                        if text is not None:
-                            yield text
-                    if not interpreter.done and interpreter.finish_reason is None:
-                        logger.warning(
-                            "%s: stream ended without [DONE] or finish_reason; the answer may be incomplete",
-                            request.provider,
-                        )
-                if interpreter.done and not content.is_eof():
-                    await _drain(content)
-                finished = content.is_eof()
-            except _CLIENT_FAILURES as exc:
-                raise self._transport_error(exc) from None
-        finally:
-            if finished:
-                response.release()  # back to the pool for the next call
-            else:
-                response.close()  # early exit, cancellation or error: drop the connection now
-
-    def _transport_error(self, exc: BaseException) -> NetflyError:
-        request = self.request
-        error = translate_client_error(exc, target=request.provider, proxy=request.proxy, timeout=request.timeout)
-        message = scrub(str(error), request.secrets)
-        if message != str(error):
-            error.args = (message,)
-        return error
-
-    async def _status_error(self, response: aiohttp.ClientResponse) -> NetflyError:
-        request = self.request
-        if response.status == 407 and request.proxy is not None and not request.proxy.is_socks:
-            # A plain-http target through an HTTP proxy: the proxy's refusal arrives as the response.
-            return ProxyError(
-                f"proxy {request.proxy} refused the credentials for {request.provider}: HTTP 407 {response.reason}",
-                retryable=False,
-            )
-        try:
-            raw = await _read_limited(response, _ERROR_BODY_LIMIT)
-        except _CLIENT_FAILURES:
-            raw = b""
-        # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub before parsing
-        # so neither the message nor ``error.body`` keeps it.
-        text = scrub(raw.decode("utf-8", "replace"), request.secrets)
-        body: Any = text
-        if text.strip():
-            try:
-                body = _json.loads(text)
-            except _json.JSONDecodeError:
-                pass
-        message = scrub(error_message_from_body(body, response.reason or ""), request.secrets)
-        return error_for_status(
-            response.status,
-            message,
-            provider=request.provider,
-            retry_after=parse_retry_after(response.headers),
-            body=body if isinstance(body, dict) else None,
+        response = await open_stream(
+            request.url, request.payload or _json.dumps(request.body), request.headers,
+            target=request.provider, timeout=request.timeout, remaining=remaining, proxy=request.proxy,
+            secrets=request.secrets, pool=self._pool,
         )
+        try:
+            content_type = response.content_type
+            if content_type == "application/json":
+                yield await self._whole_answer(response, interpreter)
+                return
+            if content_type == "text/html":
+                snippet = (await response.read(2048)).decode("utf-8", "replace")
+                raise UpstreamError(
+                    f"{request.provider}: expected an event stream, got an HTML page: {snippet[:200]!r}"
+                )
+            decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
+            interpret = interpreter.interpret
+            async for raw in response:
+                for event in decoder.feed(raw):
+                    item = interpret(event)
+                    if item is not None:
+                        yield item
+                    elif interpreter.done:
+                        break
+                if interpreter.done:
+                    break
+            else:
+                for event in decoder.flush():
+                    item = interpret(event)
+                    if item is not None:
+                        yield item
+                if not interpreter.done and not interpreter.finished:
+                    logger.warning(
+                        "%s: stream ended without [DONE] or finish_reason; the answer may be incomplete",
+                        request.provider,
+                    )
+            await response.drain()
+        finally:
+            response.release()
+
+    async def _whole_answer(self, response: StreamingResponse, interpreter: ChunkInterpreter) -> list[Event]:
+        body = await response.read(_JSON_BODY_LIMIT)
+        try:
+            parsed = _json.loads(body)
+        except _json.JSONDecodeError as exc:
+            raise StreamDecodeError(f"{self.request.provider}: invalid JSON reply: {exc}") from None
+        return interpreter.interpret_completion(parsed)
 
 
 def _scrub_error(error: NetflyError, secrets: tuple[str, ...]) -> NetflyError:
@@ -329,52 +362,3 @@ def _scrub_error(error: NetflyError, secrets: tuple[str, ...]) -> NetflyError:
         if isinstance(message, str):
             error.message = scrub(message, secrets)  # type: ignore[attr-defined]
     return error
-
-
-def _with_proxy_authorization(
-    request: ChatRequest, proxy: Proxy | None
-) -> tuple[dict[str, str], dict[str, str] | None]:
-    """(request headers, CONNECT headers) carrying Basic ``Proxy-Authorization`` for an HTTP(S) proxy.
-
-    aiohttp deprecates ``proxy_auth`` and sends ``proxy_headers`` only on a CONNECT (https targets);
-    a plain-http target is asked for through the proxy directly, so the header goes on the request.
-    It must never go on a request inside a tunnel: the target server would see the password.
-    """
-    if proxy is None or proxy.username is None:
-        return request.headers, None
-    token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode("ascii")
-    authorization = {"Proxy-Authorization": f"Basic {token}"}
-    if request.url.lower().startswith("https:"):
-        return request.headers, authorization
-    return {**request.headers, **authorization}, None
-
-
-def _request_body(request: ChatRequest) -> bytes | io.BytesIO:
-    # aiohttp warns (ResourceWarning) about raw bytes over 1 MiB; a BytesIO is sent in parts instead.
-    payload = request.payload or _json.dumps(request.body)
-    return io.BytesIO(payload) if len(payload) > 512 * 1024 else payload
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for raw in response.content.iter_any():
-        parts.append(raw)
-        size += len(raw)
-        if size >= limit:
-            break
-    return b"".join(parts)[:limit]
-
-
-async def _drain(content: aiohttp.StreamReader) -> None:
-    """Read what follows ``[DONE]`` (normally just the end of the body), briefly."""
-    try:
-        await asyncio.wait_for(_read_to_eof(content), _DRAIN_AFTER_DONE)
-    except _CLIENT_FAILURES:  # asyncio.TimeoutError included
-        pass  # the answer is complete; the connection is simply not reused
-
-
-async def _read_to_eof(content: aiohttp.StreamReader) -> None:
-    while await content.readany():
-        pass
-

@@ -1,4 +1,6 @@
-"""Transport: pooled aiohttp sessions, proxies and timeouts; turns client failures into netfly errors.
+"""Transport: all of netfly's HTTP. Pooled aiohttp sessions, proxies and timeouts; opening a
+streamed response (:func:`open_stream`), status → error mapping, draining and releasing connections;
+client failures become netfly errors here and nowhere else.
 
 One :class:`aiohttp.ClientSession` is kept per event loop (and per SOCKS proxy, which needs its own
 connector) and reused by every call. Sessions are closed by :func:`aclose`, or automatically when
@@ -9,23 +11,26 @@ by ``loop.shutdown_asyncgens()`` and closes the loop's sessions on the way out.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from . import _json
-from .chunks import error_message_from_body
+from . import _checks, _json
 from .errors import (
     ConfigurationError,
+    NetflyError,
     NetflyTimeoutError,
     ProxyError,
     StreamDecodeError,
     TransportError,
     error_for_status,
+    error_message_from_body,
 )
 from .redact import redact_url, scrub
 from .retry import parse_retry_after
@@ -34,6 +39,18 @@ try:
     import aiohttp_socks
 except ImportError:  # pragma: no cover - aiohttp-socks is a declared dependency
     aiohttp_socks = None  # type: ignore[assignment]
+
+# Every failure of the HTTP client stack. aiohttp-socks' errors are neither OSError nor TimeoutError
+# nor subclasses of each other: each is named.
+CLIENT_FAILURES: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+if aiohttp_socks is not None:
+    CLIENT_FAILURES += (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)
+
+_ERROR_BODY_LIMIT = 64 * 1024
+_READ_SIZE = 16 * 1024
+# After the end of an answer, how long to wait for the end of the body so the connection can be
+# reused; a server that keeps the body open longer only costs the caller this much.
+_DRAIN_AFTER_END = 0.25
 
 
 @dataclass(frozen=True)
@@ -51,9 +68,7 @@ class Timeout:
 
     def __post_init__(self) -> None:
         for name in ("connect", "idle", "total"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                raise ConfigurationError(f"timeout {name} must be a positive number or None, got {value!r}")
+            _checks.optional_seconds(f"timeout {name}", getattr(self, name), positive=True)
 
     @classmethod
     def coerce(cls, value: Timeout | float | int | None) -> Timeout:
@@ -95,6 +110,8 @@ class Proxy:
             )
         if not parts.hostname:
             raise ConfigurationError(f"proxy URL {redact_url(url)!r} has no host")
+        if scheme.startswith("socks") and aiohttp_socks is None:  # pragma: no cover
+            raise ConfigurationError("SOCKS proxies need the aiohttp-socks package: pip install aiohttp-socks")
         if port is None:
             port = {"http": 80, "https": 443}.get(scheme, 1080)
         return cls(
@@ -131,8 +148,6 @@ def _new_connector(proxy: Proxy | None) -> aiohttp.BaseConnector:
     options: dict[str, object] = {"limit": 1000, "limit_per_host": 0, "ttl_dns_cache": 300}
     if proxy is None or not proxy.is_socks:
         return aiohttp.TCPConnector(**options)  # type: ignore[arg-type]
-    if aiohttp_socks is None:  # pragma: no cover
-        raise ConfigurationError("SOCKS proxies need the aiohttp-socks package: pip install aiohttp-socks")
     kind = aiohttp_socks.ProxyType.SOCKS4 if proxy.scheme.startswith("socks4") else aiohttp_socks.ProxyType.SOCKS5
     return aiohttp_socks.ProxyConnector(
         host=proxy.host,
@@ -274,25 +289,189 @@ async def fetch_json(
     url: str, *, headers: dict[str, str], timeout: Timeout, target: str, secrets: tuple[str, ...] = (),
     body: bytes | None = None,
 ) -> Any:
-    """GET a small JSON document (POST ``body`` when given) through the pooled session, with netfly's errors."""
+    """GET a small JSON document (POST ``body`` when given) through the pooled session, with netfly's
+    errors."""
     session = await default_pool.session()
     method = "GET" if body is None else "POST"
     limits = client_timeout(timeout, timeout.total)
     try:
         async with session.request(method, url, headers=headers, data=body, timeout=limits) as response:
-            raw = await response.read()
             if response.status >= 300:
-                try:
-                    reply: Any = _json.loads(raw)
-                except ValueError:
-                    reply = raw.decode("utf-8", "replace")
-                message = scrub(error_message_from_body(reply, response.reason or ""), secrets)
-                raise error_for_status(
-                    response.status, message, provider=target, retry_after=parse_retry_after(response.headers)
-                )
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise await _status_error(response, target=target, proxy=None, secrets=secrets)
+            raw = await response.read()
+    except CLIENT_FAILURES as exc:
         raise translate_client_error(exc, target=target, proxy=None, timeout=timeout) from None
     try:
         return _json.loads(raw)
     except ValueError:
         raise StreamDecodeError(f"{target}: invalid JSON from {url}") from None
+
+
+# -- streamed responses ----------------------------------------------------------------------------
+
+
+class StreamingResponse:
+    """An open response with a 2xx status whose body is read as it arrives.
+
+    Iterate it for the body's bytes (reads of at most 16 KiB), or :meth:`read` a bounded whole body.
+    Client failures while reading raise netfly errors. :meth:`drain` after the answer's end lets the
+    connection be reused; :meth:`release` (always, in a ``finally``) returns a fully read connection
+    to the pool and drops any other.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, fail: _Failure) -> None:
+        self._response = response
+        self._fail = fail
+        self.content_type = response.content_type
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        # Bounded reads: a burst (a fast server, a proxy flushing its buffer) is handed on a slice
+        # at a time, so its first text is not held back behind the whole burst.
+        try:
+            async for raw in self._response.content.iter_chunked(_READ_SIZE):
+                yield raw
+        except CLIENT_FAILURES as exc:
+            raise self._fail(exc) from None
+
+    async def read(self, limit: int) -> bytes:
+        """The body, up to ``limit`` bytes."""
+        try:
+            return await _read_limited(self._response, limit)
+        except CLIENT_FAILURES as exc:
+            raise self._fail(exc) from None
+
+    async def drain(self) -> None:
+        """Read what follows the answer's end (normally just the end of the body), briefly."""
+        content = self._response.content
+        if content.is_eof():
+            return
+        try:
+            await asyncio.wait_for(_read_to_eof(content), _DRAIN_AFTER_END)
+        except CLIENT_FAILURES:  # asyncio.TimeoutError included
+            pass  # the answer is complete; the connection is simply not reused
+
+    def release(self) -> None:
+        if self._response.content.is_eof():
+            self._response.release()  # back to the pool for the next call
+        else:
+            self._response.close()  # early exit, cancellation or error: drop the connection now
+
+
+class _Failure:
+    """Turns a client failure of one request into its netfly error, secrets scrubbed."""
+
+    def __init__(self, target: str, proxy: Proxy | None, timeout: Timeout, secrets: tuple[str, ...]) -> None:
+        self.target, self.proxy, self.timeout, self.secrets = target, proxy, timeout, secrets
+
+    def __call__(self, exc: BaseException) -> NetflyError:
+        error = translate_client_error(exc, target=self.target, proxy=self.proxy, timeout=self.timeout)
+        message = scrub(str(error), self.secrets)
+        if message != str(error):
+            error.args = (message,)
+        return error
+
+
+async def open_stream(
+    url: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    *,
+    target: str,
+    timeout: Timeout,
+    remaining: float | None = None,
+    proxy: Proxy | None = None,
+    secrets: tuple[str, ...] = (),
+    pool: SessionPool | None = None,
+) -> StreamingResponse:
+    """POST ``payload`` to ``url`` and return the response once its head arrived with a 2xx status.
+
+    A non-2xx status raises its :class:`ResponseStatusError` (server message, ``Retry-After``); a
+    client failure its :class:`TransportError`. ``remaining`` bounds this request's total time.
+    """
+    fail = _Failure(target, proxy, timeout, secrets)
+    http_proxy = proxy if proxy is not None and not proxy.is_socks else None
+    headers, proxy_headers = _with_proxy_authorization(url, headers, http_proxy)
+    try:
+        session = await (pool or default_pool).session(proxy)
+        response = await session.post(
+            url,
+            data=io.BytesIO(payload) if len(payload) > 512 * 1024 else payload,  # aiohttp warns about big bytes
+            headers=headers,
+            proxy=http_proxy.url_without_credentials if http_proxy else None,
+            proxy_headers=proxy_headers,
+            timeout=client_timeout(timeout, remaining),
+        )
+    except CLIENT_FAILURES as exc:
+        raise fail(exc) from None
+    if response.status < 300:
+        return StreamingResponse(response, fail)
+    try:
+        raise await _status_error(response, target=target, proxy=proxy, secrets=secrets)
+    except CLIENT_FAILURES as exc:
+        raise fail(exc) from None
+    finally:
+        response.close()
+
+
+async def _status_error(
+    response: aiohttp.ClientResponse, *, target: str, proxy: Proxy | None, secrets: tuple[str, ...]
+) -> NetflyError:
+    if response.status == 407 and proxy is not None and not proxy.is_socks:
+        # A plain-http target through an HTTP proxy: the proxy's refusal arrives as the response.
+        return ProxyError(
+            f"proxy {proxy} refused the credentials for {target}: HTTP 407 {response.reason}", retryable=False
+        )
+    try:
+        raw = await _read_limited(response, _ERROR_BODY_LIMIT)
+    except CLIENT_FAILURES:
+        raw = b""
+    # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub before parsing
+    # so neither the message nor ``error.body`` keeps it.
+    text = scrub(raw.decode("utf-8", "replace"), secrets)
+    body: Any = text
+    if text.strip():
+        try:
+            body = _json.loads(text)
+        except _json.JSONDecodeError:
+            pass
+    return error_for_status(
+        response.status,
+        scrub(error_message_from_body(body, response.reason or ""), secrets),
+        provider=target,
+        retry_after=parse_retry_after(response.headers),
+        body=body if isinstance(body, dict) else None,
+    )
+
+
+def _with_proxy_authorization(
+    url: str, headers: Mapping[str, str], proxy: Proxy | None
+) -> tuple[Mapping[str, str], dict[str, str] | None]:
+    """(request headers, CONNECT headers) carrying Basic ``Proxy-Authorization`` for an HTTP(S) proxy.
+
+    aiohttp deprecates ``proxy_auth`` and sends ``proxy_headers`` only on a CONNECT (https targets);
+    a plain-http target is asked for through the proxy directly, so the header goes on the request.
+    It must never go on a request inside a tunnel: the target server would see the password.
+    """
+    if proxy is None or proxy.username is None:
+        return headers, None
+    token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode("ascii")
+    authorization = {"Proxy-Authorization": f"Basic {token}"}
+    if url.lower().startswith("https:"):
+        return headers, authorization
+    return {**headers, **authorization}, None
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for raw in response.content.iter_any():
+        parts.append(raw)
+        size += len(raw)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+async def _read_to_eof(content: aiohttp.StreamReader) -> None:
+    while await content.readany():
+        pass

@@ -18,11 +18,11 @@ from typing import Any, TextIO
 
 from .. import errors
 from ..__about__ import __version__
-from ..health import format_stats
 from ..provider import Provider
 from ..providers import provider_names
 from ._providers import resolve_provider
 from .check import register_cli as register_check
+from .format import format_stats
 from .local import register_cli as register_local
 from .serve import register_cli as register_serve
 
@@ -121,8 +121,6 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 async def _models(args: argparse.Namespace) -> int:
     provider = _resolve_provider(args)
     for model in await provider.list_models(api_key=args.api_key):
@@ -183,7 +181,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code_for(error)
     except BrokenPipeError:
         return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

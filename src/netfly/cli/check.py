@@ -11,10 +11,11 @@ import asyncio
 import sys
 
 from ..errors import ConfigurationError
-from ..health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_all, format_health_table
+from ..health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_all
 from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider, provider_names
 from ..transport import aclose
+from .format import format_health_table
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:

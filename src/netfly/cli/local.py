@@ -13,7 +13,6 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import cast
 
 from ..errors import LocalServerError
 from ..providers.llama_server import MODEL_ENV
@@ -45,14 +44,14 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    provider = cast("type[Local]", Local.configure(
+    provider = Local.configure(
         name="Local",
         host=args.host,
         port=args.port or None,
         model_path=args.model_path,
         n_ctx=args.n_ctx or Local.n_ctx,
         log_path=args.log,
-    ))
+    )
     server = provider.server()
     err = sys.stderr
     restore = _stop_on_sigterm()

@@ -20,14 +20,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import _json
+from .. import _checks, _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
-from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event, Usage
-from ..health import engine_state, summarize_stats
+from ..events import ChatAccumulator, ChatResult, Event
+from ..health import engine_state
 from ..provider import Provider
 from ..providers import get_provider
-from ..stream import ChatStream
 from ..transport import Proxy, Timeout, aclose
 from .chat import ChatChunkEncoder
 from .embeddings import parse_embeddings_request, relay_embeddings
@@ -39,6 +38,7 @@ from .relay import DEFAULT_KEEPALIVE, SSEChannel, StreamEncoder, relay
 from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_request
 from .router import ModelRouter, Route
 from .schema import ChatCall, parse_chat_request
+from .stats_line import summarize_stats
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -262,10 +262,12 @@ class Gateway:
     async def _answer(self, request: web.Request, route: Route, call: ChatCall, encoder: StreamEncoder,
                       whole: Callable[[ChatResult], dict[str, Any]]) -> web.StreamResponse:
         """Run ``call`` on the route's provider; stream it through ``encoder`` or answer ``whole``."""
-        stream = route.provider.stream(route.model, call.messages, **call.params, **self.call_options)
+        # Every client field goes in extra_body: none can be taken for a call option (or collide
+        # with a parameter name such as ``cls``).
+        stream = route.provider.stream(route.model, call.messages, extra_body=call.params, **self.call_options)
         try:
             async with stream:
-                events = stream_events(stream)
+                events = stream.events()
                 if call.stream:
                     return await self._relay(request, events, encoder)
                 accumulator = ChatAccumulator()
@@ -381,13 +383,9 @@ def _call_options(
     # Checked here, at start-up: a bad setting must not turn into a 400 on every request.
     options: dict[str, Any] = {}
     if max_retries is not None:
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 1:
-            raise ConfigurationError(f"max_retries must be a whole number of attempts >= 1, got {max_retries!r}")
-        options["max_retries"] = max_retries
+        options["max_retries"] = _checks.whole("max_retries", max_retries, unit="attempts")
     if retry_delay is not None:
-        if not isinstance(retry_delay, (int, float)) or isinstance(retry_delay, bool) or retry_delay < 0:
-            raise ConfigurationError(f"retry_delay must be a number of seconds >= 0, got {retry_delay!r}")
-        options["retry_delay"] = float(retry_delay)
+        options["retry_delay"] = _checks.seconds("retry_delay", retry_delay)
     if timeout is not None:
         options["timeout"] = Timeout.coerce(timeout)
     if proxy:
@@ -397,9 +395,7 @@ def _call_options(
 
 
 def _keepalive(seconds: float | None) -> float | None:
-    if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0):
-        raise ConfigurationError(f"keepalive must be a number of seconds >= 0 (0: never), got {seconds!r}")
-    return float(seconds) if seconds else None
+    return _checks.optional_seconds("keepalive (0: never)", seconds) or None
 
 
 def _with_usage(call: ChatCall) -> ChatCall:
@@ -407,31 +403,6 @@ def _with_usage(call: ChatCall) -> ChatCall:
     if call.stream:
         call.params["stream_options"] = {"include_usage": True}
     return call
-
-
-def stream_events(stream: ChatStream) -> AsyncIterator[Event]:
-    """The stream's typed events."""
-    events = getattr(stream, "events", None)
-    if events is not None:
-        return events()  # type: ignore[no-any-return]
-    return _text_events(stream)
-
-
-async def _text_events(stream: ChatStream) -> AsyncIterator[Event]:
-    # Until the engine's events() lands: text only (no tool calls), then finish and usage.
-    first = True
-    async for text in stream:
-        if first:
-            yield ChoiceDelta(role="assistant", text="")
-            first = False
-        yield ChoiceDelta(text=text)
-    result = stream.result
-    assert result is not None
-    if first:
-        yield ChoiceDelta(role="assistant", text="")
-    yield ChoiceDelta(finish_reason=result.finish_reason)
-    if result.usage:
-        yield Usage(result.usage)
 
 
 def _check_configured(provider: type[Provider]) -> None:

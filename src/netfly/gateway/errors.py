@@ -7,7 +7,6 @@ after it started, the same object is sent as one ``data:`` event (see :mod:`.app
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +67,6 @@ class ErrorInfo:
         return headers
 
 
-_FIELD_PREFIX = re.compile(r"^(messages|model)\b")
-
-
 def describe(error: BaseException) -> ErrorInfo:
     """The status and OpenAI-style error for ``error``.
 
@@ -84,8 +80,7 @@ def describe(error: BaseException) -> ErrorInfo:
     if isinstance(error, ModelNotSupportedError):
         return ErrorInfo(400, str(error), "invalid_request_error", "model", "model_not_found")
     if isinstance(error, ConfigurationError):
-        match = _FIELD_PREFIX.match(str(error))
-        return ErrorInfo(400, str(error), "invalid_request_error", match.group(1) if match else None)
+        return ErrorInfo(400, str(error), "invalid_request_error", error.param)
     if isinstance(error, RateLimitError):
         return ErrorInfo(429, str(error), "rate_limit_error", None, "rate_limit_exceeded", error.retry_after)
     if isinstance(error, AuthenticationError):

@@ -24,7 +24,7 @@ import asyncio
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..errors import ConfigurationError, NetflyError, NetflyTimeoutError, TransportError
 from ..stream import ChatRequest, ChatStream
@@ -185,8 +185,7 @@ class Local(OpenAICompatible):
         return cls.server().base_url + "/" + cls.api_endpoint.lstrip("/")
 
     @classmethod
-    def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
-        request = cls.build_request(model, messages, proxy, **kwargs)  # validated here, before any I/O
+    def stream_for(cls, request: ChatRequest) -> ChatStream:
         return _StartingStream(request, cls.server(), cls.startup_timeout)
 
 
@@ -199,20 +198,17 @@ class _StartingStream(ChatStream):
     """
 
     def __init__(self, request: ChatRequest, server: LlamaServer, startup_timeout: float) -> None:
-        super().__init__(request)
         self._server = server
         self._startup_timeout = startup_timeout
         self._child: subprocess.Popen[bytes] | None = None
+        super().__init__(request)
 
-    async def __anext__(self) -> str:
-        if self._child is None:
-            self._child = await self._server.ensure_started(self._startup_timeout)
-        try:
-            return await super().__anext__()
-        except StopAsyncIteration:
-            if self.result is not None:
-                self._server.answered()
-            raise
+    async def _prepare(self) -> None:
+        self._child = await self._server.ensure_started(self._startup_timeout)
+
+    def _finish(self, malformed_chunks: int) -> None:
+        super()._finish(malformed_chunks)
+        self._server.answered()
 
     async def _explain(self, error: NetflyError) -> NetflyError:
         if self._child is None or not isinstance(error, TransportError):
