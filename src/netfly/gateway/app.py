@@ -29,12 +29,12 @@ from ..provider import Provider
 from ..providers import get_provider
 from ..stream import ChatStream
 from ..transport import Proxy, Timeout, aclose
+from . import pages
 from .chat import ChatChunkEncoder
 from .embeddings import parse_embeddings_request, relay_embeddings
 from .errors import ErrorInfo, GatewayError, describe
 from .format import model_list, model_object
 from .logfmt import access_line
-from . import pages
 from .messages import MessageBuilder, MessagesEncoder, anthropic_error, parse_messages_request
 from .relay import DEFAULT_KEEPALIVE, SSEChannel, StreamEncoder, relay
 from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_request

@@ -9,6 +9,7 @@ chat page who served it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from .status import StatusBook
 if TYPE_CHECKING:
     from .app import Gateway
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC = resources.files("netfly.gateway") / "static"
 PAGE_ROUTES = {"/": "chat.html", "/status": "status.html"}
 STATIC_PREFIX = "/static/"
@@ -52,7 +54,7 @@ def install(app: web.Application, gateway: Gateway) -> None:
     app.on_response_prepare.append(_served_by_headers)
 
 
-def _file_handler(name: str) -> web.Handler:
+def _file_handler(name: str) -> Handler:
     async def page(request: web.Request) -> web.StreamResponse:
         return _asset(name)
     return page
@@ -74,7 +76,7 @@ def _asset(name: str) -> web.Response:
                         headers=PAGE_HEADERS)
 
 
-def _status_handler(gateway: Gateway) -> web.Handler:
+def _status_handler(gateway: Gateway) -> Handler:
     async def status(request: web.Request) -> web.StreamResponse:
         providers = dict.fromkeys((gateway.router.default, *gateway.router.providers.values()))
         return web.json_response(gateway.status.snapshot(providers, __version__),
