@@ -99,5 +99,7 @@ def watch(request: web.Request, book: StatusBook, stream: ChatStream) -> None:
 async def _served_by_headers(request: web.Request, response: web.StreamResponse) -> None:
     stream: ChatStream | None = request.get(_REQUEST_STREAM)
     if stream is not None:  # the head goes out with the first output: the provider is known by then
+        # Every attempt before the one now answering failed; a router records the winner's at its end.
+        failed = sum(1 for attempt in stream.stats.attempts if attempt.error is not None)
         response.headers["x-netfly-provider"] = stream.stats.provider
-        response.headers["x-netfly-attempts"] = str(len(stream.stats.attempts))
+        response.headers["x-netfly-attempts"] = str(failed + 1)
