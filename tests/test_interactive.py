@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from .conftest import answer, chunk, sse, stream_bytes
@@ -56,6 +57,14 @@ class Terminal:
                 if not data:
                     break
                 setattr(self, name, getattr(self, name) + data.decode(errors="replace"))
+
+    async def grows(self, by: int) -> None:
+        """Wait until stdout has ``by`` more characters than now."""
+        deadline, target = time.monotonic() + DEADLINE, len(self.out) + by
+        while len(self.out) < target:
+            assert time.monotonic() < deadline, f"stdout stopped at {self.out!r}"
+            self._drain()
+            await asyncio.sleep(0.02)
 
     async def wait(self) -> int:
         deadline = time.monotonic() + DEADLINE
@@ -176,3 +185,27 @@ async def test_a_conversation_file_that_is_not_messages_is_a_clear_error(tmp_pat
     code, _, err = await run_cli("chat", "--url", "http://127.0.0.1:9", "-c", str(tmp_path / "none.json"), "hi")
     assert code == 2
     assert "cannot read the conversation" in err
+
+
+@pytest.mark.local
+async def test_two_turns_with_the_real_local_model_and_ctrl_c(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="needs the [local] extra")
+    saved = tmp_path / "local.json"
+    terminal = Terminal("--provider", "Local", "--max-tokens", "300")
+    try:
+        terminal.type("Say hello.")
+        await terminal.expect("attempts 1]", on="err")
+        terminal.type("Write a long story about a fox.")
+        await terminal.expect("Write a long story about a fox.\r\n")
+        await terminal.grows(by=5)  # some of the answer has arrived
+        terminal.process.send_signal(signal.SIGINT)
+        await terminal.expect("stopped", on="err")
+        assert terminal.err.count("attempts 1]") == 2 and "Traceback" not in terminal.err
+        terminal.type(f"/save {saved}")
+        await terminal.expect("saved", on="err")
+        terminal.type("/exit")
+        assert await terminal.wait() == 0
+    finally:
+        terminal.close()
+    roles = [m["role"] for m in json.loads(saved.read_text())]
+    assert roles == ["user", "assistant", "user", "assistant"]  # two turns; the stopped one kept
