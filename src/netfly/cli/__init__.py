@@ -20,6 +20,7 @@ from .. import errors
 from ..__about__ import __version__
 from ..provider import Provider
 from ..providers import provider_names
+from . import interactive
 from ._providers import resolve_provider
 from .check import register_cli as register_check
 from .format import format_stats
@@ -85,10 +86,12 @@ def _read_prompt(prompt: str, stdin: TextIO) -> str:
 async def _chat(args: argparse.Namespace) -> int:
     out = sys.stdout
     provider = _resolve_provider(args)
-    messages: list[dict[str, Any]] = []
+    messages = interactive.load_conversation(args.conversation) if args.conversation else []
     if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": _read_prompt(args.prompt, sys.stdin)})
+        interactive.set_system(messages, args.system)
+    talk = args.prompt is None and sys.stdin.isatty()  # no prompt on a terminal: a conversation
+    if not talk:
+        messages.append({"role": "user", "content": _read_prompt(args.prompt or "-", sys.stdin)})
     params: dict[str, Any] = {}
     if args.temperature is not None:
         params["temperature"] = args.temperature
@@ -104,6 +107,8 @@ async def _chat(args: argparse.Namespace) -> int:
     if is_running is not None and not is_running():
         sys.stderr.write("netfly: starting local model…\n")
         sys.stderr.flush()
+    if talk:
+        return await interactive.run(interactive.Session(provider, args.model, messages, args.proxy, params))
     stream = provider.stream(args.model, messages, args.proxy, **params)
     wrote = False
     try:
@@ -136,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    chat = commands.add_parser("chat", help="stream an answer to stdout")
-    chat.add_argument("prompt", help="the prompt; - reads it from stdin")
+    chat = commands.add_parser("chat", help="stream an answer to stdout; no prompt on a terminal: a conversation")
+    chat.add_argument("prompt", nargs="?", help="the prompt; - (or none, with piped input) reads it from stdin; "
+                      "none on a terminal starts an interactive conversation")
+    chat.add_argument("--continue", "-c", dest="conversation", metavar="FILE", default=None,
+                      help="continue a conversation saved with /save (a JSON list of messages)")
     _add_provider_options(chat)
     chat.add_argument("--model", "-m", default=None, help="model name (default: the provider's)")
     chat.add_argument("--system", "-s", default=None, help="system message")

@@ -28,6 +28,7 @@ from ..health import engine_state
 from ..provider import Provider
 from ..providers import get_provider
 from ..transport import Proxy, Timeout, aclose
+from . import pages
 from .chat import ChatChunkEncoder
 from .embeddings import parse_embeddings_request, relay_embeddings
 from .errors import ErrorInfo, GatewayError, describe
@@ -39,6 +40,7 @@ from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_reques
 from .router import ModelRouter, Route
 from .schema import ChatCall, parse_chat_request
 from .stats_line import summarize_stats
+from .status import StatusBook
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -49,7 +51,7 @@ _notes: ContextVar[list[str] | None] = ContextVar("netfly_gateway_notes", defaul
 EXPOSED_HEADERS = ", ".join((
     "x-request-id", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens", "openai-processing-ms", "request-id",
+    "x-ratelimit-reset-tokens", "openai-processing-ms", "request-id", "x-netfly-provider", "x-netfly-attempts",
 ))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's id is echoed only if it is harmless
 # The id of the request being handled, for the headers of a response the handler streams itself.
@@ -81,6 +83,7 @@ class Gateway:
         self.cors_origins = None if "*" in origins else origins  # None: every origin
         self.cors_enabled = bool(origins)
         self.keepalive = keepalive
+        self.status = StatusBook()
 
     # -- middlewares (outermost first) ---------------------------------------------------------
 
@@ -173,7 +176,7 @@ class Gateway:
 
     @web.middleware
     async def require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is not None:
+        if self._token is not None and not pages.is_public(request):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer":
                 given = request.headers.get("x-api-key", "")  # the Anthropic SDK's header
@@ -265,6 +268,7 @@ class Gateway:
         # Every client field goes in extra_body: none can be taken for a call option (or collide
         # with a parameter name such as ``cls``).
         stream = route.provider.stream(route.model, call.messages, extra_body=call.params, **self.call_options)
+        pages.watch(request, self.status, stream)
         try:
             async with stream:
                 events = stream.events()
@@ -275,6 +279,7 @@ class Gateway:
                     accumulator.add(event)
                 return web.json_response(whole(accumulator.result()), dumps=_dumps)
         finally:
+            self.status.finished(stream)
             _note(summarize_stats(stream.stats))
 
     async def _relay(self, request: web.Request, events: AsyncIterator[Event], encoder: StreamEncoder
@@ -366,6 +371,7 @@ def create_app(
     app.router.add_post("/v1/messages", gateway.messages)
     app.router.add_post("/v1/messages/count_tokens", gateway.count_tokens)
     app.router.add_post("/v1/embeddings", gateway.embeddings)
+    pages.install(app, gateway)
     app.on_cleanup.append(_close_connections)
     return app
 
