@@ -1,0 +1,186 @@
+"""Providers and model groups built from a configuration file, and the router that exposes them.
+
+Each ``[models.PUBLIC]`` becomes a :class:`~netfly.routing.RoutedProvider` over its targets (each
+target: a configured provider asked for one upstream model), so breakers, fallback, fastest-first
+and hedging are the router's own; ``weighted`` and ``least-busy`` only change the order it tries
+the targets in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, ClassVar
+
+from ..config import ModelGroupConfig, NetflyConfig, ProviderConfig
+from ..errors import ConfigurationError
+from ..provider import Provider
+from ..providers import OpenAICompatible, get_provider
+from ..routing import HealthBook, RoutedProvider
+from ..stream import ChatRequest, ChatStream
+from ..transport import Timeout
+from .errors import GatewayError
+from .router import ModelRouter, Route
+
+__all__ = ["ConfigRouter", "build_groups", "build_providers"]
+
+
+class _ConfiguredProvider(Provider):
+    """Adds what a provider of the file may set beyond class attributes: its own proxy."""
+
+    proxy_url: ClassVar[str | None] = None
+
+    @classmethod
+    def build_request(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatRequest:
+        return super().build_request(model, messages, proxy or cls.proxy_url, **kwargs)
+
+
+class _Target(Provider):
+    """A group's target: counts its streams in flight, for the ``least-busy`` strategy."""
+
+    busy: ClassVar[int] = 0
+
+    @classmethod
+    def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
+        stream = super().stream(model, messages, proxy, **kwargs)
+        # Counted while its iterator runs: from the first read to the end, error or close.
+        stream._iterator = _counted(cls, stream._iterator)
+        return stream
+
+
+async def _counted(target: type[_Target], texts: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    target.busy += 1
+    try:
+        async for text in texts:
+            yield text
+    finally:
+        target.busy -= 1
+        await texts.aclose()
+
+
+class WeightedGroup(RoutedProvider):
+    """Tries its targets in a random order drawn by weight: a target of weight 3 comes first three
+    times as often as one of weight 1."""
+
+    weights: ClassVar[tuple[float, ...]] = ()
+
+    @classmethod
+    def order(cls, providers: list[type[Provider]]) -> list[type[Provider]]:
+        weight = dict(zip(cls.providers, cls.weights, strict=True))
+        remaining, ordered = list(providers), []
+        while remaining:
+            pick = random.choices(remaining, weights=[weight.get(p, 1.0) for p in remaining])[0]
+            remaining.remove(pick)
+            ordered.append(pick)
+        return ordered
+
+
+class LeastBusyGroup(RoutedProvider):
+    """Tries first the target with the fewest streams in flight (ties: the order of the file)."""
+
+    @classmethod
+    def order(cls, providers: list[type[Provider]]) -> list[type[Provider]]:
+        return sorted(providers, key=lambda p: getattr(p, "busy", 0))
+
+
+def build_providers(config: NetflyConfig) -> dict[str, type[Provider]]:
+    """One provider class per ``[providers.NAME]``, named NAME."""
+    return {name: _provider(name, spec) for name, spec in config.providers.items()}
+
+
+def _provider(name: str, spec: ProviderConfig) -> type[Provider]:
+    base = OpenAICompatible if spec.kind == "openai-compatible" else get_provider(spec.kind)
+    attributes: dict[str, Any] = {"label": name, "proxy_url": spec.proxy}
+    if spec.url is not None:
+        attributes["url"] = spec.url
+    if spec.kind == "openai-compatible" or spec.api_key_env is not None:
+        attributes["api_key_env"] = spec.api_key_env  # never $NETFLY_API_KEY by default: it is not this server's
+    if spec.api_key is not None:
+        attributes["api_key"] = spec.api_key
+    if spec.headers:
+        attributes["headers"] = {**base.headers, **spec.headers}
+    if spec.models:
+        attributes["models"] = tuple(spec.models)
+        attributes["default_model"] = spec.default_model or spec.models[0]
+    elif spec.default_model is not None:
+        attributes["default_model"] = spec.default_model
+    if spec.timeout is not None:
+        attributes["timeout"] = (
+            Timeout(total=spec.timeout) if isinstance(spec.timeout, float) else Timeout(**spec.timeout.model_dump())
+        )
+    if spec.retries is not None:
+        attributes["max_retries"] = spec.retries
+    if spec.retry_delay is not None:
+        attributes["retry_delay"] = spec.retry_delay
+    provider: type[Provider] = type(name, (_ConfiguredProvider, base), attributes)
+    provider.endpoint_url()  # a URL the schema let through but the provider cannot use fails now
+    return provider
+
+
+def build_groups(config: NetflyConfig, providers: Mapping[str, type[Provider]]) -> dict[str, type[RoutedProvider]]:
+    """One routed provider per ``[models.PUBLIC]``, named PUBLIC."""
+    return {name: _group(name, spec, providers) for name, spec in config.models.items()}
+
+
+def _group(name: str, spec: ModelGroupConfig, providers: Mapping[str, type[Provider]]) -> type[RoutedProvider]:
+    targets = []
+    for target in spec.targets:
+        provider = providers[target.provider]
+        attributes: dict[str, Any] = {"label": provider.name(), "busy": 0}
+        if target.model is not None:
+            attributes["default_model"] = target.model
+            if provider.models and target.model not in provider.models:
+                raise ConfigurationError(f"models.{name}: provider {target.provider!r} does not serve "
+                                         f"{target.model!r} (its models: {', '.join(provider.models)})")
+        targets.append(type(provider.__name__, (_Target, provider), attributes))
+    base: type[RoutedProvider] = {"weighted": WeightedGroup, "least-busy": LeastBusyGroup}.get(
+        spec.strategy, RoutedProvider
+    )
+    extra = {"weights": tuple(t.weight for t in spec.targets)} if spec.strategy == "weighted" else {}
+    return base.configure(  # type: ignore[return-value]
+        name=name,
+        providers=tuple(targets),
+        models=(),
+        default_model="",  # each target asks for its own model
+        prefer_fastest=spec.strategy == "fastest",
+        hedge_after=spec.hedge_after if spec.strategy == "hedge" else None,
+        failure_threshold=spec.failure_threshold,
+        cooldown=spec.cooldown,
+        provider_max_retries=spec.retries,
+        **extra,
+    )
+
+
+class ConfigRouter(ModelRouter):
+    """Exposes the file's public models (and their aliases) and nothing else; a file without
+    ``[models]`` exposes its providers as ``"name/model"``, the first one also by bare model names."""
+
+    def __init__(self, config: NetflyConfig) -> None:
+        providers = build_providers(config)
+        if not providers:
+            raise ConfigurationError("the configuration declares no [providers]")
+        super().__init__(next(iter(providers.values())), providers)
+        self.groups = build_groups(config, providers)
+        self.aliases = {alias: name for name, spec in config.models.items() for alias in spec.aliases}
+
+    def resolve(self, model: str | None, *, param: str = "model") -> Route:
+        if not self.groups:
+            return super().resolve(model, param=param)
+        public = self.aliases.get(model or "", model or "")
+        group = self.groups.get(public)
+        if group is None:
+            raise GatewayError(400, f"model {model!r} is not served here; models: {', '.join(self.groups)}",
+                               param=param, code="model_not_found")
+        return Route(group, "", public)
+
+    def names(self) -> list[str]:
+        return sorted(self.groups) if self.groups else super().names()
+
+    async def model_ids(self) -> list[tuple[str, str]]:
+        if not self.groups:
+            return await super().model_ids()
+        return [(name, "netfly") for name in self.groups]
+
+    def health_books(self) -> dict[str, HealthBook]:
+        """Each group's breakers, by public model name (for the metrics)."""
+        return {name: group.health for name, group in self.groups.items()}
