@@ -162,8 +162,7 @@ class LimitExceeded(GatewayError):
     """429: a key's limit is reached; ``retry_after`` says when to try again."""
 
     def __init__(self, message: str, retry_after: float, limit: str) -> None:
-        super().__init__(429, message, type="rate_limit_error", code="rate_limit_exceeded")
-        self.retry_after = retry_after
+        super().__init__(429, message, type="rate_limit_error", code="rate_limit_exceeded", retry_after=retry_after)
         self.limit = limit
 
 
