@@ -8,6 +8,9 @@ import hashlib
 import json
 import logging
 import random
+import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -65,7 +68,7 @@ def failing(status: int = 500) -> Callable[[web.Request], Awaitable[web.StreamRe
 
 
 class Running:
-    def __init__(self, url: str, operations: Operations) -> None:
+    def __init__(self, url: str, operations: Operations | None = None) -> None:
         self.url = url
         self.operations = operations
 
@@ -361,3 +364,62 @@ async def test_reload_under_load_cuts_no_stream(scripted: Scripted, serve_config
     assert "keys.broken.rpm: Input should be greater than or equal to 1" in body["error"]["message"]
     assert await gw.ask("m", BOB) == "new new "  # the old configuration stays
     assert (await gw.raw("POST", "/admin/reload", ALICE))[0] == 403
+
+
+async def test_netfly_serve_config_reloads_on_sighup(scripted: Scripted, tmp_path: Path) -> None:
+    first, second = await scripted(named_answer("one")), await scripted(named_answer("two"))
+    port, metrics_port = free_port(), free_port()
+    path = tmp_path / "netfly.toml"
+    path.write_text(f"[server]\nport = 1\nmetrics_port = {metrics_port}\n" + config_text(first, {"alice": ALICE}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(port), "--log-format", "json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        gw = Running(f"http://127.0.0.1:{port}")
+        await wait_until_serving(gw)
+        assert await gw.ask("m") == "one one "
+        path.write_text("[models.broken\n")
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        assert await gw.ask("m") == "one one "  # an invalid file keeps the old configuration
+        path.write_text(config_text(second, {"alice": ALICE}))
+        process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if await gw.ask("m") == "two two ":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("SIGHUP did not reload the configuration")
+        assert (await gw.raw("GET", "/metrics", None))[0] == 404  # served on its own port instead
+        metrics_server = Running(f"http://127.0.0.1:{metrics_port}")
+        status, _, metrics = await metrics_server.raw("GET", "/metrics", None)
+        assert status == 200 and "netfly_requests_total" in metrics
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = stderr.decode().splitlines()
+    assert any("configuration not reloaded, the old one stays" in line and "not valid TOML" in line for line in lines)
+    assert any("configuration reloaded from" in line for line in lines)
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [e["status"] for e in entries if e["route"] == "/v1/chat/completions"][:2] == [200, 200]
+    assert ALICE not in stderr.decode()
+
+
+async def wait_until_serving(gw: Running) -> None:
+    for _ in range(200):
+        try:
+            await gw.raw("GET", "/health", None)
+            return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("netfly serve did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
