@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
-from run import HERE, free_port, wait_for_port
+from run import HERE, background, free_port
 
 KEYS = [f"nf-bench-key-{i}" for i in range(5)]
 
@@ -34,18 +33,8 @@ KEYS = [f"nf-bench-key-{i}" for i in range(5)]
 @contextlib.contextmanager
 def process(argv: Sequence[str], port: int, what: str, log: Path) -> Iterator[None]:
     """A server process, its output in ``log``; stopped by its own pid on the way out."""
-    with log.open("wb") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, child, what)
-            yield
-        finally:
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+    with log.open("wb") as out, background(argv, port, what, out):
+        yield
 
 
 def config_file(directory: Path, upstreams: list[int], chunks: int) -> Path:

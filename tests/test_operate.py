@@ -23,6 +23,7 @@ from aiohttp import web
 
 from netfly.config import parse_config
 from netfly.gateway import bound_port, create_app, start
+from netfly.gateway.keys import MemoryStore
 from netfly.gateway.operations import Operations
 
 from .conftest import ScriptedServer, chunk, sse
@@ -423,3 +424,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_metrics_token(scripted: Scripted, serve_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_TOKEN", "nf-metrics-9d")
+    up = await scripted(named_answer("X"))
+    gw = await serve_config({"server": {"metrics_token_env": "METRICS_TOKEN"}, "providers": providers(up),
+                             "models": {"m": group("ordered", 1)}, "keys": KEYS})
+    status, _, body = await gw.raw("GET", "/metrics", None)
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    assert (await gw.raw("GET", "/metrics", ALICE))[0] == 401  # a client key is not the metrics token
+    status, _, text = await gw.raw("GET", "/metrics", "nf-metrics-9d")
+    assert status == 200 and "# TYPE netfly_requests_total counter" in text
+
+
+async def test_memory_store_leases_expire_and_buckets_refill() -> None:
+    now = [100.0]
+    store = MemoryStore(clock=lambda: now[0])
+    first = await store.lease("streams:a", 1, ttl=10)
+    assert first is not None and await store.lease("streams:a", 1, ttl=10) is None
+    now[0] += 10.5  # the holder died without releasing: its lease runs out
+    second = await store.lease("streams:a", 1, ttl=10)
+    assert second is not None
+    await store.release("streams:a", first)  # releasing an expired lease changes nothing
+    assert await store.lease("streams:a", 1, ttl=10) is None
+    assert (await store.take("rpm:a", 2, capacity=2, per_second=1)).allowed
+    refused = await store.take("rpm:a", 1, capacity=2, per_second=1)
+    assert (refused.allowed, refused.retry_after, refused.reset) == (False, 1.0, 2.0)
+    now[0] += 1
+    assert (await store.take("rpm:a", 1, capacity=2, per_second=1)).allowed
