@@ -54,32 +54,32 @@ async def prometheus(tmp_path: Path, target: str) -> AsyncIterator[str]:
         await asyncio.wait_for(process.wait(), 20)
 
 
-async def query(session: aiohttp.ClientSession, base: str, promql: str) -> list[dict[str, Any]]:
-    async with session.get(base + "/api/v1/query", params={"query": promql}) as response:
+async def query(session: aiohttp.ClientSession, base: str, promql: str, at: float) -> list[dict[str, Any]]:
+    async with session.get(base + "/api/v1/query", params={"query": promql, "time": f"{at:.3f}"}) as response:
         body = await response.json()
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
 
 
-async def traffic(base: str, seconds: float) -> int:
-    """POST a streamed completion every 1/RATE seconds, not waiting for the answers."""
-    sent: list[asyncio.Task[int]] = []
+async def traffic(base: str, seconds: float) -> list[float]:
+    """POST a streamed completion every 1/RATE seconds (on a fixed schedule, not waiting for the
+    answers); the wall-clock times the answers ended."""
+    sent: list[asyncio.Task[float]] = []
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
 
-        async def one() -> int:
+        async def one() -> float:
             body = {"model": "m", "messages": MESSAGES, "stream": True}
             async with session.post(base + "/v1/chat/completions", json=body) as response:
                 await response.read()
-                return response.status
+                assert response.status == 200
+            return time.time()
 
         started = time.monotonic()
-        while time.monotonic() - started < seconds:
+        for n in range(int(seconds * RATE)):
+            await asyncio.sleep(max(0.0, started + n / RATE - time.monotonic()))
             sent.append(asyncio.create_task(one()))
-            await asyncio.sleep(1 / RATE)
-        statuses = await asyncio.gather(*sent)
-    assert set(statuses) == {200}
-    return len(sent)
+        return list(await asyncio.gather(*sent))
 
 
 async def test_prometheus_sees_the_request_rate_and_time_to_first_token(scripted: Scripted, tmp_path: Path) -> None:
@@ -93,16 +93,18 @@ async def test_prometheus_sees_the_request_rate_and_time_to_first_token(scripted
     gateway = f"127.0.0.1:{bound_port(runner)}"
     try:
         async with prometheus(tmp_path, gateway) as base, aiohttp.ClientSession() as session:
-            load = asyncio.create_task(traffic(f"http://{gateway}", 14))
-            await asyncio.sleep(12)  # enough scrapes for a 10 s window
-            rate = await query(session, base, 'sum(rate(netfly_requests_total{route="/v1/chat/completions"}[10s]))')
+            ended = await traffic(f"http://{gateway}", 14)
+            at = max(ended) - 0.5  # the window's end: inside the traffic, after the first scrapes by 10 s
+            await asyncio.sleep(2)  # the last scrapes
+            rate = await query(session, base, 'sum(rate(netfly_requests_total{route="/v1/chat/completions"}[10s]))',
+                               at)
             ttft = await query(session, base, "histogram_quantile(0.5, sum by (le) "
-                                              "(rate(netfly_time_to_first_token_seconds_bucket[10s])))")
-            up = await query(session, base, 'up{job="netfly"}')
-            assert await load > 50
+                                              "(rate(netfly_time_to_first_token_seconds_bucket[10s])))", at)
+            up = await query(session, base, 'up{job="netfly"}', at)
     finally:
         await runner.cleanup()
+    sent_rate = sum(at - 10 < t <= at for t in ended) / 10
     assert [r["value"][1] for r in up] == ["1"]
-    assert len(rate) == 1 and RATE * 0.7 <= float(rate[0]["value"][1]) <= RATE * 1.3, rate
+    assert len(rate) == 1 and abs(float(rate[0]["value"][1]) - sent_rate) <= 0.25 * sent_rate, (rate, sent_rate)
     # The upstream waits 0.2 s; the bucket holding it is (0.1, 0.25], so the median lands inside it.
     assert len(ttft) == 1 and 0.1 < float(ttft[0]["value"][1]) <= 0.25, ttft
