@@ -227,6 +227,9 @@ async def test_burst_over_rpm_gets_429_with_headers_then_recovers(scripted: Scri
     await asyncio.sleep(1.1)
     status, headers, _ = await gw.raw("POST", "/v1/chat/completions", ALICE, body)
     assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+    status, headers, _ = await gw.raw("GET", "/v1/models", ALICE)  # every response has them; reading is free
+    assert status == 200 and headers["x-ratelimit-limit-requests"] == "60"
+    assert headers["x-ratelimit-remaining-requests"] == "0" and "x-ratelimit-limit-tokens" not in headers
     assert len(up.requests) == allowed + 1  # refused requests never reached the upstream
 
 
