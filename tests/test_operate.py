@@ -81,9 +81,10 @@ class Running:
             stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **options)
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
-    async def raw(self, method: str, path: str, key: str | None = ALICE,
-                  body: Any = None) -> tuple[int, dict[str, str], Any]:
+    async def raw(self, method: str, path: str, key: str | None = ALICE, body: Any = None,
+                  extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(extra or {})
         async with aiohttp.ClientSession() as session, session.request(
             method, self.url + path, json=body, headers=headers
         ) as response:
@@ -320,7 +321,8 @@ async def test_json_request_log_names_the_key_never_the_key_or_content(
     gw = await serve_config(data, log_format="json")
     caplog.set_level(logging.INFO, logger="netfly.gateway.requests")
     await gw.ask("m")
-    await gw.raw("GET", "/v1/models", "nf-wrong")
+    _, headers, _ = await gw.raw("GET", "/v1/models", "nf-wrong", extra={"X-Request-Id": "trace-42"})
+    assert {k.lower(): v for k, v in headers.items()}["x-request-id"] == "trace-42", headers
     lines = [r.getMessage() for r in caplog.records if r.name == "netfly.gateway.requests"]
     assert len(lines) == 2
     entry, refused = json.loads(lines[0]), json.loads(lines[1])
@@ -330,7 +332,7 @@ async def test_json_request_log_names_the_key_never_the_key_or_content(
     assert [(a["provider"], a["status"]) for a in entry["attempts"]] == [("p0", 503), ("p1", None)]
     assert entry["attempts"][0]["error"] == "ServerError: p0: HTTP 503: boom" and entry["attempts"][1]["error"] is None
     assert entry["ttft_ms"] > 0 and entry["duration_ms"] >= entry["ttft_ms"] and len(entry["request_id"]) == 32
-    assert (refused["status"], refused["key"]) == (401, None)
+    assert (refused["status"], refused["key"], refused["request_id"]) == (401, None, "trace-42")
     text = caplog.text
     assert ALICE not in text and "nf-wrong" not in text and "Secret answer" not in text and "Say hello" not in text
     assert not any(r.name == "netfly.gateway" and "/v1/chat" in r.getMessage() for r in caplog.records)
