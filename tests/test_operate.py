@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp import web
@@ -463,3 +464,34 @@ async def test_memory_store_leases_expire_and_buckets_refill() -> None:
     assert (refused.allowed, refused.retry_after, refused.reset) == (False, 1.0, 2.0)
     now[0] += 1
     assert (await store.take("rpm:a", 1, capacity=2, per_second=1)).allowed
+
+
+async def test_anthropic_and_responses_clients_are_keyed_and_counted(scripted: Scripted, serve_config: Any) -> None:
+    up = await scripted(named_answer("X"))
+    keys = {**KEYS, "bob": {"sha256": digest(BOB), "rpm": 100}}
+    gw = await serve_config({"providers": providers(up), "models": {"m": group("ordered", 1)}, "keys": keys})
+    claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key=BOB, max_retries=0, timeout=10)  # x-api-key
+    async with claude, claude.messages.stream(model="m", max_tokens=50, messages=MESSAGES) as stream:
+        assert await stream.get_final_text() == "X X "
+    async with gw.client(BOB) as client:
+        response = await client.responses.create(model="m", input="Say hello.")
+        assert response.output_text == "X X "
+    wrong = anthropic.AsyncAnthropic(base_url=gw.url, api_key="nf-wrong", max_retries=0, timeout=10)
+    async with wrong:
+        with pytest.raises(anthropic.AuthenticationError):
+            await wrong.messages.create(model="m", max_tokens=5, messages=MESSAGES)
+    _, _, body = await gw.raw("GET", "/admin/usage", ADMIN)
+    assert body["data"] == [{"key": "bob", "model": "m", "requests": 2, "prompt_tokens": 18,
+                             "completion_tokens": 8, "estimated_requests": 0, "total_tokens": 26}]
+
+
+async def test_a_key_that_is_not_utf8_is_a_401(scripted: Scripted, serve_config: Any) -> None:
+    up = await scripted(named_answer("X"))
+    gw = await serve_config({"providers": providers(up), "models": {"m": group("ordered", 1)}, "keys": KEYS})
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 401 ")

@@ -210,7 +210,8 @@ class NetflyConfig(_Section):
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: a header that is not UTF-8 hashes as the bytes it is (then matches nothing).
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def expand_env(value: str) -> str:

@@ -11,6 +11,7 @@ from aiohttp import web
 from .. import _json
 from ..errors import ConfigurationError
 from .errors import GatewayError
+from .keys import presented_key
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -45,15 +46,15 @@ def reload(operations: Operations) -> Handler:
 
 
 def require_admin(operations: Operations, request: web.Request) -> None:
-    key = operations.keys.identify(request.headers.get("Authorization", "")) if operations.keys else None
+    key = operations.keys.identify(request.headers) if operations.keys else None
     if key is None or not key.admin:
         raise GatewayError(403, "this needs a key with admin = true in the configuration",
                            type="permission_error", code="admin_key_required")
 
 
 def require_bearer(request: web.Request, token: str) -> None:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    given = presented_key(request.headers).encode("utf-8", "surrogateescape")
+    if not given or not hmac.compare_digest(given, token.encode()):
         raise GatewayError(401, "missing or invalid bearer token in the Authorization header",
                            type="authentication_error", code="invalid_api_key")
 

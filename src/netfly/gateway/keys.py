@@ -148,14 +148,22 @@ class KeyRing:
     def __bool__(self) -> bool:
         return bool(self._by_digest)
 
-    def identify(self, authorization: str) -> ClientKey:
-        """The key of an ``Authorization: Bearer ...`` header; 401 when it is not one of ours."""
-        scheme, _, given = authorization.partition(" ")
-        found = self._by_digest.get(hash_key(given.strip())) if scheme.lower() == "bearer" else None
+    def identify(self, headers: Mapping[str, str]) -> ClientKey:
+        """The key a request presents (``Authorization: Bearer KEY`` or Anthropic's ``x-api-key``);
+        401 when it is not one of ours."""
+        found = self._by_digest.get(hash_key(presented_key(headers)))
         if found is None:
-            raise GatewayError(401, "missing or invalid API key in the Authorization header",
-                               type="authentication_error", code="invalid_api_key")
+            raise GatewayError(401, "missing or invalid API key: send it as 'Authorization: Bearer <key>' "
+                                    "or 'x-api-key: <key>'", type="authentication_error", code="invalid_api_key")
         return found
+
+
+def presented_key(headers: Mapping[str, str]) -> str:
+    """The secret a request carries, or ``""``."""
+    scheme, _, given = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return given.strip()
+    return headers.get("x-api-key", "").strip()
 
 
 class LimitExceeded(GatewayError):

@@ -160,7 +160,7 @@ class Operations:
         if not self.keys or request.path in _OPEN_PATHS:
             return await handler(request)
         record: RequestRecord = request[_RECORD]
-        record.key = key = self.keys.identify(request.headers.get("Authorization", ""))
+        record.key = key = self.keys.identify(request.headers)
         record.rate_headers = await read_limits(self.store, key)
         return await handler(request)
 
