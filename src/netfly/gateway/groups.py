@@ -9,7 +9,8 @@ the targets in.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncGenerator, Mapping
+import weakref
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..config import ModelGroupConfig, NetflyConfig, ProviderConfig
@@ -36,26 +37,20 @@ class _ConfiguredProvider(Provider):
 
 
 class _Target(Provider):
-    """A group's target: counts its streams in flight, for the ``least-busy`` strategy."""
+    """A group's target: knows its streams in flight, for the ``least-busy`` strategy."""
 
-    busy: ClassVar[int] = 0
+    open_streams: ClassVar[weakref.WeakSet[ChatStream]]
 
     @classmethod
     def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
         stream = super().stream(model, messages, proxy, **kwargs)
-        # Counted while its iterator runs: from the first read to the end, error or close.
-        stream._iterator = _counted(cls, stream._iterator)
+        cls.open_streams.add(stream)
         return stream
 
-
-async def _counted(target: type[_Target], texts: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-    target.busy += 1
-    try:
-        async for text in texts:
-            yield text
-    finally:
-        target.busy -= 1
-        await texts.aclose()
+    @classmethod
+    def busy(cls) -> int:
+        """Streams started and not ended (a stream's ``stats.duration`` is set when it ends)."""
+        return sum(1 for stream in list(cls.open_streams) if stream.stats.duration is None)
 
 
 class WeightedGroup(RoutedProvider):
@@ -80,7 +75,7 @@ class LeastBusyGroup(RoutedProvider):
 
     @classmethod
     def order(cls, providers: list[type[Provider]]) -> list[type[Provider]]:
-        return sorted(providers, key=lambda p: getattr(p, "busy", 0))
+        return sorted(providers, key=lambda p: p.busy() if issubclass(p, _Target) else 0)
 
 
 def build_providers(config: NetflyConfig) -> dict[str, type[Provider]]:
@@ -126,7 +121,7 @@ def _group(name: str, spec: ModelGroupConfig, providers: Mapping[str, type[Provi
     targets = []
     for target in spec.targets:
         provider = providers[target.provider]
-        attributes: dict[str, Any] = {"label": provider.name(), "busy": 0}
+        attributes: dict[str, Any] = {"label": provider.name(), "open_streams": weakref.WeakSet()}
         if target.model is not None:
             attributes["default_model"] = target.model
             if provider.models and target.model not in provider.models:
