@@ -18,6 +18,7 @@ from ..gateway.connections import (
     DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
 )
+from ..gateway.operations import Operations
 from ..gateway.relay import DEFAULT_KEEPALIVE
 from ..gateway.server import DEFAULT_SHUTDOWN_GRACE
 from ..provider import Provider
@@ -92,9 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
     # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
     operations, settings = operations_from_args(args)
-    chosen: list[type[Provider] | None] = [None]
-    if args.provider or args.url or not (operations.config and operations.config.providers):
-        chosen = [resolve_provider(name, args.url) for name in args.provider or [None]]  # flags replace the file's
+    chosen = _chosen_providers(args, operations)
     token = args.auth_token or (None if operations.keys else os.environ.get(TOKEN_ENV)) or None
     args.host, args.port = settings.host, settings.port
     app = create_app(
@@ -131,6 +130,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # cannot bind: port in use, address not available, permission
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _chosen_providers(args: argparse.Namespace, operations: Operations) -> list[type[Provider] | None]:
+    """The flags' providers (they replace the file's), or ``[None]``: the file's."""
+    if args.provider or args.url or not (operations.config and operations.config.providers):
+        return [resolve_provider(name, args.url) for name in args.provider or [None]]
+    return [None]
 
 
 def _is_loopback(host: str) -> bool:

@@ -359,12 +359,11 @@ def create_app(
     """
     operations = operations or Operations(log_format=log_format)
     server = operations.config.server if operations.config else None
+    if server is not None:  # the file's settings, where no argument overrides them
+        timeout = server.timeout if timeout is None else timeout
+        cors_origins = server.cors_origins if cors_origins is None else cors_origins
     if max_body_bytes is None:
         max_body_bytes = server.max_body_bytes if server else DEFAULT_MAX_BODY_BYTES
-    if timeout is None and server is not None:
-        timeout = server.timeout
-    if cors_origins is None and server is not None and server.cors_origins is not None:
-        cors_origins = server.cors_origins
     if auth_token is not None and operations.keys:
         raise ConfigurationError("auth_token and [keys] exclude each other: clients present one of the keys")
     if auth_token is not None and not auth_token.strip():
