@@ -24,9 +24,8 @@ from ..providers import provider_names
 from . import interactive
 from ._providers import resolve_provider
 from .check import register_cli as register_check
-from .format import format_stats
-
 from .config import register_cli as register_config
+from .format import format_stats
 from .local import register_cli as register_local
 from .serve import register_cli as register_serve
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..config import ModelGroupConfig, NetflyConfig, ProviderConfig
 from ..errors import ConfigurationError
 from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider
-from ..routing import HealthBook, RoutedProvider
+from ..routing import CircuitBreakers, Fastest, Ordered, RetryProvider, RoutedProvider, Strategy
 from ..stream import ChatRequest, ChatStream
 from ..transport import Timeout
 from .errors import GatewayError
@@ -42,8 +43,8 @@ class _Target(Provider):
     open_streams: ClassVar[weakref.WeakSet[ChatStream]]
 
     @classmethod
-    def stream(cls, model: str | None, messages: Any, proxy: str | None = None, **kwargs: Any) -> ChatStream:
-        stream = super().stream(model, messages, proxy, **kwargs)
+    def stream_for(cls, request: ChatRequest) -> ChatStream:
+        stream = super().stream_for(request)
         cls.open_streams.add(stream)
         return stream
 
@@ -53,28 +54,27 @@ class _Target(Provider):
         return sum(1 for stream in list(cls.open_streams) if stream.stats.duration is None)
 
 
-class WeightedGroup(RoutedProvider):
-    """Tries its targets in a random order drawn by weight: a target of weight 3 comes first three
-    times as often as one of weight 1."""
+@dataclass(frozen=True)
+class Weighted:
+    """A random order drawn by weight, per call: a provider of weight 3 comes first three times as
+    often as one of weight 1 (a :class:`~netfly.routing.Strategy`)."""
 
-    weights: ClassVar[tuple[float, ...]] = ()
+    weights: Mapping[type[Provider], float]
 
-    @classmethod
-    def order(cls, providers: list[type[Provider]]) -> list[type[Provider]]:
-        weight = dict(zip(cls.providers, cls.weights, strict=True))
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
         remaining, ordered = list(providers), []
         while remaining:
-            pick = random.choices(remaining, weights=[weight.get(p, 1.0) for p in remaining])[0]
+            pick = random.choices(remaining, weights=[self.weights.get(p, 1.0) for p in remaining])[0]
             remaining.remove(pick)
             ordered.append(pick)
         return ordered
 
 
-class LeastBusyGroup(RoutedProvider):
-    """Tries first the target with the fewest streams in flight (ties: the order of the file)."""
+@dataclass(frozen=True)
+class LeastBusy:
+    """The provider with the fewest streams in flight first; ties keep the configured order."""
 
-    @classmethod
-    def order(cls, providers: list[type[Provider]]) -> list[type[Provider]]:
+    def __call__(self, providers: Sequence[type[Provider]], breakers: CircuitBreakers) -> list[type[Provider]]:
         return sorted(providers, key=lambda p: p.busy() if issubclass(p, _Target) else 0)
 
 
@@ -128,21 +128,21 @@ def _group(name: str, spec: ModelGroupConfig, providers: Mapping[str, type[Provi
                 raise ConfigurationError(f"models.{name}: provider {target.provider!r} does not serve "
                                          f"{target.model!r} (its models: {', '.join(provider.models)})")
         targets.append(type(provider.__name__, (_Target, provider), attributes))
-    base: type[RoutedProvider] = {"weighted": WeightedGroup, "least-busy": LeastBusyGroup}.get(
-        spec.strategy, RoutedProvider
-    )
-    extra = {"weights": tuple(t.weight for t in spec.targets)} if spec.strategy == "weighted" else {}
-    return base.configure(  # type: ignore[return-value]
+    strategies: dict[str, Strategy] = {
+        "weighted": Weighted({t: spec.targets[i].weight for i, t in enumerate(targets)}),
+        "least-busy": LeastBusy(),
+        "fastest": Fastest(),
+    }
+    return RetryProvider(
+        targets,
         name=name,
-        providers=tuple(targets),
-        models=(),
-        default_model="",  # each target asks for its own model
-        prefer_fastest=spec.strategy == "fastest",
+        strategy=strategies.get(spec.strategy, Ordered()),
         hedge_after=spec.hedge_after if spec.strategy == "hedge" else None,
         failure_threshold=spec.failure_threshold,
         cooldown=spec.cooldown,
-        provider_max_retries=spec.retries,
-        **extra,
+        max_retries=spec.retries,
+        models=(),
+        default_model="",  # each target asks for its own model
     )
 
 
@@ -176,6 +176,6 @@ class ConfigRouter(ModelRouter):
             return await super().model_ids()
         return [(name, "netfly") for name in self.groups]
 
-    def health_books(self) -> dict[str, HealthBook]:
-        """Each group's breakers, by public model name (for the metrics)."""
-        return {name: group.health for name, group in self.groups.items()}
+    def breakers(self) -> dict[str, CircuitBreakers]:
+        """Each group's circuit breakers, by public model name (for the metrics)."""
+        return {name: group.breakers for name, group in self.groups.items()}

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..routing import HealthBook
+from ..routing import CircuitBreakers
 from ..stream import StreamStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
@@ -26,7 +26,7 @@ BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN = 0, 1, 2
 class GatewayMetrics:
     """The counters, histograms and gauges of one gateway."""
 
-    def __init__(self, breakers: Callable[[], Mapping[str, HealthBook]]) -> None:
+    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("netfly_requests", "Requests answered, by route, public model, key name and status",
@@ -61,7 +61,7 @@ class GatewayMetrics:
 class _BreakerCollector(Collector):
     """Circuit-breaker state per group and provider, read from the routers at scrape time."""
 
-    def __init__(self, breakers: Callable[[], Mapping[str, HealthBook]]) -> None:
+    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]]) -> None:
         self._breakers = breakers
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ..config import NetflyConfig, load_config
 from ..errors import ConfigurationError
-from ..routing import HealthBook
+from ..routing import CircuitBreakers
 from ..stream import ChatStream
 from . import admin
 from .groups import ConfigRouter
@@ -227,9 +227,9 @@ class Operations:
         app.router.add_get("/metrics", self.serve_metrics)
         return app
 
-    def _breakers(self) -> Mapping[str, HealthBook]:
+    def _breakers(self) -> Mapping[str, CircuitBreakers]:
         router = self.gateway.router if self.gateway is not None else None
-        return router.health_books() if isinstance(router, ConfigRouter) else {}
+        return router.breakers() if isinstance(router, ConfigRouter) else {}
 
     # -- reloading -----------------------------------------------------------------------------
 
