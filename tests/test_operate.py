@@ -297,10 +297,15 @@ async def test_metrics_count_requests_attempts_and_time_to_first_token(
     scripted: Scripted, serve_config: Any
 ) -> None:
     down, up = await scripted(failing(503)), await scripted(named_answer("X"))
-    gw = await serve_config({"providers": providers(down, up), "models": {"m": group("ordered", 2)}, "keys": KEYS})
+    gw = await serve_config({"providers": providers(down, up), "keys": KEYS,
+                             "models": {"m": group("ordered", 2, failure_threshold=2)}})
     for _ in range(2):
         await gw.ask("m")
     await gw.raw("GET", "/v1/models", "nf-wrong")
+    status, _, page = await gw.raw("GET", "/v1/netfly/status", ALICE)
+    assert status == 200
+    assert {(r["name"], r["router"], r["circuit"]) for r in page["providers"]} >= {("p0", "m", "open"),
+                                                                                   ("p1", "m", "closed")}
     status, headers, text = await gw.raw("GET", "/metrics", None)
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
     lines = text.splitlines()
@@ -312,6 +317,7 @@ async def test_metrics_count_requests_attempts_and_time_to_first_token(
     assert 'netfly_tokens_per_request_sum{kind="completion",model="m"} 8.0' in lines
     assert 'netfly_streams_in_flight{model="m"} 0.0' in lines
     assert 'netfly_circuit_breaker_state{model="m",provider="p1"} 0.0' in lines
+    assert 'netfly_circuit_breaker_state{model="m",provider="p0"} 2.0' in lines  # two failures in a row: open
 
 
 async def test_json_request_log_names_the_key_never_the_key_or_content(

@@ -156,6 +156,9 @@ class ConfigRouter(ModelRouter):
             raise ConfigurationError("the configuration declares no [providers]")
         super().__init__(next(iter(providers.values())), providers)
         self.groups = build_groups(config, providers)
+        # Listed with the providers (the status page shows each group's circuits); routing by
+        # name goes through resolve, which serves only the groups when there are any.
+        self.providers.update({name.lower(): group for name, group in self.groups.items()})
         self.aliases = {alias: name for name, spec in config.models.items() for alias in spec.aliases}
 
     def resolve(self, model: str | None, *, param: str = "model") -> Route:

@@ -15,12 +15,13 @@ from prometheus_client.registry import Collector
 
 from ..routing import CircuitBreakers
 from ..stream import StreamStats
+from .status import circuit_state
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
-BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN = 0, 1, 2
+_BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 
 class GatewayMetrics:
@@ -69,12 +70,9 @@ class _BreakerCollector(Collector):
                                    "Circuit breaker per model group and provider: 0 closed, 1 half-open, 2 open",
                                    labels=["model", "provider"])
         for model, book in self._breakers().items():
+            now = book.clock()
             for entry in book.snapshot():
-                state = BREAKER_CLOSED
-                if entry.opened_at is not None:
-                    cooling = entry.opened_at + book.cooldown > book.clock()
-                    state = BREAKER_OPEN if cooling and not entry.probing else BREAKER_HALF_OPEN
-                family.add_metric([model, entry.name], state)
+                family.add_metric([model, entry.name], _BREAKER_STATES[circuit_state(entry, book.cooldown, now)])
         yield family
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
