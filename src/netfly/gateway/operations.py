@@ -26,7 +26,7 @@ from ..config import NetflyConfig, load_config
 from ..errors import ConfigurationError
 from ..routing import CircuitBreakers
 from ..stream import ChatStream
-from . import admin
+from . import admin, pages
 from .groups import ConfigRouter
 from .keys import (
     Admission,
@@ -156,8 +156,8 @@ class Operations:
 
     @web.middleware
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """With ``[keys]``: every request but /health and /metrics needs one of them."""
-        if not self.keys or request.path in _OPEN_PATHS:
+        """With ``[keys]``: every request but /health, /metrics and the pages needs one of them."""
+        if not self.keys or request.path in _OPEN_PATHS or pages.is_public(request):
             return await handler(request)
         record: RequestRecord = request[_RECORD]
         record.key = key = self.keys.identify(request.headers)
