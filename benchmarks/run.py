@@ -67,9 +67,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, limit:
 
 
 @contextlib.contextmanager
-def background(argv: Sequence[str], port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process, stopped (by its own pid) on the way out."""
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def background(
+    argv: Sequence[str], port: int, what: str, log: Any = subprocess.PIPE
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process, stopped (by its own pid) on the way out; its stderr goes to ``log`` (an open
+    file for a chatty server: an unread pipe would fill and stall it)."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_for_port(port, process, what)
         yield process

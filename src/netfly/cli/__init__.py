@@ -4,6 +4,7 @@
     netfly models                  list a provider's models
     netfly check                   measure which providers answer now       (check.py)
     netfly serve                   the OpenAI-compatible gateway            (serve.py)
+    netfly config check FILE       validate the gateway's configuration file  (config.py)
     netfly local serve             the local model's server, in the foreground  (local.py)
 """
 
@@ -23,6 +24,7 @@ from ..providers import provider_names
 from . import interactive
 from ._providers import resolve_provider
 from .check import register_cli as register_check
+from .config import register_cli as register_config
 from .format import format_stats
 from .local import register_cli as register_local
 from .serve import register_cli as register_serve
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_check(commands)
     register_serve(commands)
     register_local(commands)
+    register_config(commands)
     return parser
 
 

@@ -18,10 +18,13 @@ from ..gateway.connections import (
     DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
 )
+from ..gateway.operations import Operations
 from ..gateway.relay import DEFAULT_KEEPALIVE
-from ..gateway.server import DEFAULT_SHUTDOWN_GRACE, serve
+from ..gateway.server import DEFAULT_SHUTDOWN_GRACE
+from ..provider import Provider
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
+from .config import operations_from_args, serve_with_metrics
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
 
@@ -36,8 +39,10 @@ def register_cli(subparsers: Any) -> None:
                     "GET /health. Only the chosen providers are reachable; the model field picks one: "
                     "'provider/model', or a bare model for the default (the first chosen).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file of providers, models, keys and server settings (flags override it)")
+    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port to bind (default: 8000)")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--provider", "-p", metavar="NAME", action="append",
                         help=f"a provider to expose ({', '.join(provider_names())}); repeat for more, the first "
@@ -53,9 +58,13 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="total time limit of one upstream call, retries included")
     parser.add_argument("--proxy", default=None, help="proxy for upstream calls (http://, socks5://, ...)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+    parser.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                         help=f"largest request body accepted (default: {DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--cors-origins", metavar="ORIGINS", default="*",
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="request log: a text line, or one JSON object per request (default: text)")
+    parser.add_argument("--log-content", action="store_true", default=None,
+                        help="put prompts and answers in the JSON request log (off: they are private)")
+    parser.add_argument("--cors-origins", metavar="ORIGINS", default=None,
                         help="comma-separated browser origins allowed (default: * = any; '' = no CORS)")
     parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
                         help=f"comment line on a silent stream every SECONDS (default: {DEFAULT_KEEPALIVE:g}; "
@@ -83,13 +92,16 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
     # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
-    names = args.provider or [None]
-    chosen = [resolve_provider(name, args.url) for name in names]
-    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    operations, settings = operations_from_args(args)
+    chosen = _chosen_providers(args, operations)
+    token = args.auth_token or (None if operations.keys else os.environ.get(TOKEN_ENV)) or None
+    args.host, args.port = settings.host, settings.port
     app = create_app(
         chosen[0],
-        providers={provider.name(): provider for provider in chosen},
-        cors_origins=[origin.strip() for origin in args.cors_origins.split(",") if origin.strip()],
+        providers={provider.name(): provider for provider in chosen if provider is not None},
+        operations=operations,
+        cors_origins=None if args.cors_origins is None else
+        [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()],
         keepalive=args.keepalive,
         auth_token=token,
         max_body_bytes=args.max_body_bytes,
@@ -107,16 +119,24 @@ def run_serve(args: argparse.Namespace) -> int:
     gateway_logger = logging.getLogger("netfly.gateway")
     if gateway_logger.getEffectiveLevel() > logging.INFO:
         gateway_logger.setLevel(logging.INFO)  # the per-request lines are the point of a server's log
-    if token is None and not _is_loopback(args.host):
+    if token is None and not operations.keys and not _is_loopback(args.host):
         logger.warning("serving on %s without --auth-token: anyone who can reach it can use the providers",
                        args.host)
     try:
-        asyncio.run(serve(app, args.host, args.port, shutdown_timeout=args.shutdown_grace, limits=limits))
+        asyncio.run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
+                                       shutdown_timeout=args.shutdown_grace, limits=limits))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # cannot bind: port in use, address not available, permission
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _chosen_providers(args: argparse.Namespace, operations: Operations) -> list[type[Provider] | None]:
+    """The flags' providers (they replace the file's), or ``[None]``: the file's."""
+    if args.provider or args.url or not (operations.config and operations.config.providers):
+        return [resolve_provider(name, args.url) for name in args.provider or [None]]
+    return [None]
 
 
 def _is_loopback(host: str) -> bool:

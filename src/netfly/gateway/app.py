@@ -35,6 +35,7 @@ from .errors import ErrorInfo, GatewayError, describe
 from .format import model_list, model_object
 from .logfmt import access_line
 from .messages import MessageBuilder, MessagesEncoder, anthropic_error, parse_messages_request
+from .operations import Operations
 from .relay import DEFAULT_KEEPALIVE, SSEChannel, StreamEncoder, relay
 from .responses import ResponseBuilder, ResponsesEncoder, parse_responses_request
 from .router import ModelRouter, Route
@@ -73,8 +74,10 @@ class Gateway:
         upstream_usage: bool,
         cors_origins: Iterable[str] | None = None,
         keepalive: float | None = DEFAULT_KEEPALIVE,
+        operations: Operations | None = None,
     ) -> None:
         self.router = router
+        self.operations = operations or Operations()
         self._token = auth_token.encode() if auth_token is not None else None
         self.max_body_bytes = max_body_bytes
         self.call_options = dict(call_options)
@@ -110,8 +113,9 @@ class Gateway:
         finally:
             _notes.reset(reset)
             _request_id.reset(reset_id)
-            logger.info("%s", access_line(request.method, request.rel_url.raw_path, status,
-                                          time.monotonic() - started, notes, request_id=request_id))
+            if not self.operations.log.json:  # the JSON log has its own line (operations.observe)
+                logger.info("%s", access_line(request.method, request.rel_url.raw_path, status,
+                                              time.monotonic() - started, notes, request_id=request_id))
 
     @web.middleware
     async def cors_preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -252,6 +256,7 @@ class Gateway:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         body = parse_embeddings_request(await self._read_body(request))
         route = self._route(body.get("model"))
+        await self.operations.admit(request, route.public_id, [], None)
         timeout = self.call_options.get("timeout")
         return web.json_response(await relay_embeddings(route.provider, route.model, route.public_id, body,
                                                         timeout), dumps=_dumps)
@@ -267,8 +272,11 @@ class Gateway:
         """Run ``call`` on the route's provider; stream it through ``encoder`` or answer ``whole``."""
         # Every client field goes in extra_body: none can be taken for a call option (or collide
         # with a parameter name such as ``cls``).
+        max_tokens = call.params.get("max_completion_tokens", call.params.get("max_tokens"))
+        await self.operations.admit(request, route.public_id, call.messages, max_tokens)
         stream = route.provider.stream(route.model, call.messages, extra_body=call.params, **self.call_options)
         pages.watch(request, self.status, stream)
+        self.operations.watch(request, stream)
         try:
             async with stream:
                 events = stream.events()
@@ -318,11 +326,11 @@ class Gateway:
 
 
 def create_app(
-    provider: type[Provider] | str,
+    provider: type[Provider] | str | None = None,
     *,
     providers: Mapping[str, type[Provider]] | None = None,
     auth_token: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
     max_retries: int | None = None,
     retry_delay: float | None = None,
     timeout: Timeout | float | None = None,
@@ -330,6 +338,8 @@ def create_app(
     upstream_usage: bool = True,
     cors_origins: Iterable[str] | None = None,
     keepalive: float | None = DEFAULT_KEEPALIVE,
+    operations: Operations | None = None,
+    log_format: str = "text",
 ) -> web.Application:
     """The gateway application.
 
@@ -342,25 +352,41 @@ def create_app(
     be reported. ``cors_origins`` (default: every origin, ``"*"``; empty: no CORS) are the browser
     origins allowed. ``keepalive``: seconds of upstream silence before a stream gets a comment line
     (None: never).
+
+    ``operations`` (default: one without keys) brings a configuration file's models, keys and
+    limits, and the metrics and request log; with a file, ``provider`` may be ``None`` (a flag's
+    provider replaces the file's). ``log_format="json"`` logs requests as JSON lines instead of text.
     """
-    default = get_provider(provider) if isinstance(provider, str) else provider
+    operations = operations or Operations(log_format=log_format)
+    server = operations.config.server if operations.config else None
+    if server is not None:  # the file's settings, where no argument overrides them
+        timeout = server.timeout if timeout is None else timeout
+        cors_origins = server.cors_origins if cors_origins is None else cors_origins
+    if max_body_bytes is None:
+        max_body_bytes = server.max_body_bytes if server else DEFAULT_MAX_BODY_BYTES
+    if auth_token is not None and operations.keys:
+        raise ConfigurationError("auth_token and [keys] exclude each other: clients present one of the keys")
     if auth_token is not None and not auth_token.strip():
         raise ConfigurationError("auth_token must not be empty (pass None for no authentication)")
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
         raise ConfigurationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     gateway = Gateway(
-        ModelRouter(default, providers),
+        _router(provider, providers, operations),
         auth_token=auth_token,
         max_body_bytes=max_body_bytes,
         call_options=_call_options(max_retries, retry_delay, timeout, proxy),
         upstream_usage=upstream_usage,
         cors_origins=cors_origins,
         keepalive=_keepalive(keepalive),
+        operations=operations,
     )
     app = web.Application(
-        middlewares=[gateway.log_requests, gateway.openai_errors, gateway.cors_preflight, gateway.require_token],
+        middlewares=[gateway.log_requests, operations.observe, gateway.openai_errors, gateway.cors_preflight,
+                     operations.authenticate, gateway.require_token],
         client_max_size=max_body_bytes,
     )
+    operations.install(app, gateway, request_id=_request_id.get,
+                       metrics_route=server is None or (server.metrics and server.metrics_port is None))
     app[GATEWAY] = gateway
     app.on_response_prepare.append(gateway.on_prepare)
     app.router.add_get("/health", gateway.health)
@@ -377,6 +403,18 @@ def create_app(
 
 
 GATEWAY = web.AppKey("netfly.gateway", Gateway)
+
+
+def _router(
+    provider: type[Provider] | str | None, providers: Mapping[str, type[Provider]] | None, operations: Operations
+) -> ModelRouter:
+    """The flags' provider when given, else the configuration file's models."""
+    if provider is not None:
+        return ModelRouter(get_provider(provider) if isinstance(provider, str) else provider, providers)
+    configured = operations.router()
+    if configured is None:
+        raise ConfigurationError("no provider: pass one, or a configuration with [providers]")
+    return configured
 
 
 def error_response(info: ErrorInfo) -> web.Response:

@@ -35,8 +35,10 @@ class GatewayError(Exception):
         type: str = "invalid_request_error",  # OpenAI's field name
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,  # seconds, sent as Retry-After
     ) -> None:
         self.status = status
+        self.retry_after = retry_after
         self.message = message
         self.type = type
         self.param = param
@@ -76,7 +78,7 @@ def describe(error: BaseException) -> ErrorInfo:
     the gateway: 500 with no details (the caller logs the traceback).
     """
     if isinstance(error, GatewayError):
-        return ErrorInfo(error.status, error.message, error.type, error.param, error.code)
+        return ErrorInfo(error.status, error.message, error.type, error.param, error.code, error.retry_after)
     if isinstance(error, ModelNotSupportedError):
         return ErrorInfo(400, str(error), "invalid_request_error", "model", "model_not_found")
     if isinstance(error, ConfigurationError):

@@ -1,0 +1,79 @@
+"""The gateway's Prometheus metrics (``GET /metrics``), made with the official ``prometheus-client``.
+
+Every app has its own registry, so two gateways in one process do not mix their figures. Labels
+are bounded: routes are the app's route patterns, models the public names, keys the configured
+key names, providers the configured providers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..routing import CircuitBreakers
+from ..stream import StreamStats
+from .status import circuit_state
+
+__all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+_BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class GatewayMetrics:
+    """The counters, histograms and gauges of one gateway."""
+
+    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("netfly_requests", "Requests answered, by route, public model, key name and status",
+                                ["route", "model", "key", "status"], registry=r)
+        self.attempts = Counter("netfly_upstream_attempts", "Upstream attempts, by provider and outcome",
+                                ["provider", "outcome"], registry=r)
+        self.rate_limited = Counter("netfly_rate_limited", "Requests refused by a key's limit",
+                                    ["key", "limit"], registry=r)
+        self.time_to_first_token = Histogram("netfly_time_to_first_token_seconds",
+                                             "Time from the request to the answer's first text",
+                                             ["model"], buckets=_SECONDS, registry=r)
+        self.duration = Histogram("netfly_request_duration_seconds", "Time to answer a request in full",
+                                  ["route", "model"], buckets=_SECONDS, registry=r)
+        self.tokens = Histogram("netfly_tokens_per_request", "Tokens of one request, prompt or completion",
+                                ["model", "kind"], buckets=_TOKENS, registry=r)
+        self.in_flight = Gauge("netfly_streams_in_flight", "Answers being streamed now", ["model"], registry=r)
+        r.register(_BreakerCollector(breakers))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_stream(self, model: str, stats: StreamStats) -> None:
+        """Attempts by provider and outcome, and the time to first token, of one answer."""
+        for attempt in stats.attempts:
+            provider = getattr(attempt, "provider", "") or stats.provider
+            outcome = "success" if attempt.error is None else attempt.error.partition(":")[0]
+            self.attempts.labels(provider, outcome).inc()
+        if stats.time_to_first_token is not None:
+            self.time_to_first_token.labels(model).observe(stats.time_to_first_token)
+
+
+class _BreakerCollector(Collector):
+    """Circuit-breaker state per group and provider, read from the routers at scrape time."""
+
+    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]]) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("netfly_circuit_breaker_state",
+                                   "Circuit breaker per model group and provider: 0 closed, 1 half-open, 2 open",
+                                   labels=["model", "provider"])
+        for model, book in self._breakers().items():
+            now = book.clock()
+            for entry in book.snapshot():
+                family.add_metric([model, entry.name], _BREAKER_STATES[circuit_state(entry, book.cooldown, now)])
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -1,0 +1,282 @@
+"""What makes the gateway operable: keys and limits, usage, metrics, the request log, reloading.
+
+:class:`Operations` is made by ``create_app`` and plugs in at a few points: two middlewares
+(``observe`` just inside the access log, ``authenticate`` inside the error middleware), two calls
+in the handlers (``admit`` once the public model is known, ``watch`` once the upstream stream exists), a
+response-prepare signal (the ``x-ratelimit-*`` headers, also on streams) and its own routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..config import NetflyConfig, load_config
+from ..errors import ConfigurationError
+from ..routing import CircuitBreakers
+from ..stream import ChatStream
+from . import admin, pages
+from .groups import ConfigRouter
+from .keys import (
+    Admission,
+    ClientKey,
+    KeyRing,
+    LimitExceeded,
+    MemoryStore,
+    StateStore,
+    admit,
+    estimate_tokens,
+    read_limits,
+)
+from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from .requestlog import RequestLog
+from .usage import TokenCount, UsageBook, count_tokens
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+__all__ = ["Operations", "RequestRecord"]
+
+logger = logging.getLogger("netfly.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = ("/health", "/metrics")  # /metrics has its own optional token
+
+
+@dataclass
+class RequestRecord:
+    """One request as the operator sees it; filled in along the way, settled at the end."""
+
+    request_id: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    time: float = field(default_factory=time.time)
+    key: ClientKey | None = None
+    model: str | None = None
+    admission: Admission | None = None
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    stream: ChatStream | None = None
+    messages: Sequence[Any] = ()
+    prompt_estimate: int = 0
+    tokens: TokenCount | None = None
+    status: int = 500
+
+
+# A typed request key where aiohttp has them (3.12+), a plain string before.
+_RECORD: Any = getattr(web, "RequestKey", lambda name, _type: name)("netfly.record", RequestRecord)
+
+
+class Operations:
+    """Keys, limits, usage, metrics and the request log of one gateway app."""
+
+    def __init__(
+        self,
+        config: NetflyConfig | None = None,
+        *,
+        path: str | Path | None = None,
+        store: StateStore | None = None,
+        log_format: str = "text",
+        log_content: bool = False,
+        metrics_token: str | None = None,
+    ) -> None:
+        self.config = config
+        self.path = path
+        self.store = store or MemoryStore()
+        self.keys = KeyRing.from_config(config.keys) if config else KeyRing({}, {})
+        self.usage = UsageBook(self.store)
+        self.metrics = GatewayMetrics(self._breakers)
+        self.log = RequestLog(log_format, log_content)
+        self.metrics_token = metrics_token or _metrics_token(config)
+        self.gateway: Gateway | None = None
+        self._request_id: Callable[[], str | None] = lambda: None
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **options: Any) -> Operations:
+        return cls(load_config(path), path=path, **options)
+
+    def router(self) -> ConfigRouter | None:
+        """The router of the file's providers and models; ``None`` when it declares no provider."""
+        if self.config is None or not self.config.providers:
+            return None
+        return ConfigRouter(self.config)
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def install(
+        self, app: web.Application, gateway: Gateway, *, request_id: Callable[[], str | None],
+        metrics_route: bool = True,
+    ) -> None:
+        """Add the routes and signals; ``request_id`` gives the id of the request being handled."""
+        self.gateway = gateway
+        self._request_id = request_id
+        if metrics_route:
+            app.router.add_get("/metrics", self.serve_metrics)
+        app.router.add_get("/admin/usage", admin.usage(self))
+        app.router.add_post("/admin/reload", admin.reload(self))
+        app.on_response_prepare.append(self._add_headers)
+        if self.path is not None:
+            app.on_startup.append(self._reload_on_sighup)
+            app.on_cleanup.append(self._stop_sighup)
+
+    @web.middleware
+    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Just inside the access log (which sets the request id): the request's record, then its
+        metrics, usage and JSON log line once it ends."""
+        resource = request.match_info.route.resource
+        record = RequestRecord(
+            request_id=self._request_id() or uuid.uuid4().hex,
+            route=resource.canonical if resource is not None else "unmatched",
+        )
+        request[_RECORD] = record
+        try:
+            response = await handler(request)
+            record.status = response.status
+            return response
+        except web.HTTPException as exc:
+            record.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            record.status = 499  # the client went away
+            raise
+        finally:
+            await self._settle(record)
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With ``[keys]``: every request but /health, /metrics and the pages needs one of them."""
+        if not self.keys or request.path in _OPEN_PATHS or pages.is_public(request):
+            return await handler(request)
+        record: RequestRecord = request[_RECORD]
+        record.key = key = self.keys.identify(request.headers)
+        record.rate_headers = await read_limits(self.store, key)
+        return await handler(request)
+
+    # -- calls from the model handlers ---------------------------------------------------------
+
+    async def admit(self, request: web.Request, model: str, messages: Sequence[Any], max_tokens: Any) -> None:
+        """The request's public model is known: check its key's limits and take from them."""
+        record: RequestRecord = request[_RECORD]
+        record.model, record.messages = model, messages
+        record.prompt_estimate = estimate_tokens(messages, None)
+        if record.key is None:
+            return
+        record.admission = admission = Admission(record.key, self.store)
+        cap = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+        try:
+            await admit(self.store, record.key, model, record.prompt_estimate + (cap or 0), admission)
+        except LimitExceeded as exc:
+            self.metrics.rate_limited.labels(record.key.name, exc.limit).inc()
+            raise
+        finally:
+            record.rate_headers.update(admission.headers)
+
+    def watch(self, request: web.Request, stream: ChatStream) -> None:
+        """The upstream stream exists: its stats and result are read when the request ends."""
+        record: RequestRecord = request[_RECORD]
+        record.stream = stream
+        self.metrics.in_flight.labels(record.model or "").inc()
+
+    # -- the end of a request ------------------------------------------------------------------
+
+    async def _settle(self, record: RequestRecord) -> None:
+        model, key_name = record.model or "", record.key.name if record.key else ""
+        stream = record.stream
+        if stream is not None:
+            record.tokens = tokens = count_tokens(stream, record.prompt_estimate)
+            self.metrics.in_flight.labels(model).dec()
+            self.metrics.observe_stream(model, stream.stats)
+            self.metrics.tokens.labels(model, "prompt").observe(tokens.prompt)
+            self.metrics.tokens.labels(model, "completion").observe(tokens.completion)
+            if record.key is not None:
+                await self.usage.record(key_name, model, tokens)
+        if record.admission is not None:
+            await record.admission.finish(record.tokens.total if record.tokens else 0)
+        self.metrics.requests.labels(record.route, model, key_name, str(record.status)).inc()
+        self.metrics.duration.labels(record.route, model).observe(time.monotonic() - record.started)
+        self.log.write(record)
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        record: RequestRecord | None = request.get(_RECORD)
+        if record is None:
+            return
+        response.headers.update(record.rate_headers)
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    async def serve_metrics(self, request: web.Request) -> web.StreamResponse:
+        if self.metrics_token is not None:
+            admin.require_bearer(request, self.metrics_token)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def metrics_app(self) -> web.Application:
+        """``/metrics`` alone, for a separate bind (``[server] metrics_port``)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.serve_metrics)
+        return app
+
+    def _breakers(self) -> Mapping[str, CircuitBreakers]:
+        router = self.gateway.router if self.gateway is not None else None
+        return router.breakers() if isinstance(router, ConfigRouter) else {}
+
+    # -- reloading -----------------------------------------------------------------------------
+
+    async def reload(self) -> NetflyConfig:
+        """Read the file again and switch to it; answers in flight keep the providers they started
+        with. An invalid file changes nothing and raises :class:`ConfigurationError`."""
+        if self.path is None:
+            raise ConfigurationError("this gateway was not started from a configuration file")
+        async with self._reloading:
+            config = load_config(self.path)
+            router = ConfigRouter(config) if config.providers else None
+            keys = KeyRing.from_config(config.keys)
+            if self.gateway is not None and router is not None:
+                self.gateway.router = router
+            self.config, self.keys = config, keys
+        logger.info("configuration reloaded from %s: %d model(s), %d key(s)",
+                    self.path, len(config.models), len(config.keys))
+        return config
+
+    async def _reload_on_sighup(self, app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def reload() -> None:
+            task = loop.create_task(self._reload_logged())
+            self._tasks.add(task)  # kept until done: the loop holds tasks only weakly
+            task.add_done_callback(self._tasks.discard)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):  # not main thread
+            loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def _stop_sighup(self, app: web.Application) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigurationError as exc:
+            logger.error("configuration not reloaded, the old one stays: %s", " | ".join(str(exc).splitlines()))
+
+
+
+def _metrics_token(config: NetflyConfig | None) -> str | None:
+    variable = config.server.metrics_token_env if config else None
+    if variable is None:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise ConfigurationError(f"server.metrics_token_env: environment variable {variable} is not set")
+    return token
