@@ -372,7 +372,7 @@ async def test_every_provider_cooling_down_fails_fast_with_the_reason(scripted: 
 
 @pytest.mark.parametrize("order", [{"prefer_fastest": True}, {"strategy": Fastest()}], ids=["boolean", "strategy"])
 async def test_prefer_fastest_orders_by_recent_time_to_first_token(scripted: Any, order: dict[str, Any]) -> None:
-    a = await scripted(ok("slow", delay=0.15))
+    a = await scripted(ok("slow", delay=0.5))
     b = await scripted(ok("fast"))
     router = RetryProvider([a.provider(name="A"), b.provider(name="B")], **order)
 
@@ -381,7 +381,7 @@ async def test_prefer_fastest_orders_by_recent_time_to_first_token(scripted: Any
     health = {entry.name: entry for entry in router.breakers.snapshot()}
     ttft_a, ttft_b = health["A"].time_to_first_token, health["B"].time_to_first_token
     assert ttft_a is not None and ttft_b is not None
-    assert ttft_a >= 0.15 > ttft_b
+    assert ttft_a >= 0.5 > ttft_b  # a wide gap: a loaded machine slows the fast one too
 
 
 @pytest.mark.parametrize("order", [{"shuffle": True}, {"strategy": Shuffled()}], ids=["boolean", "strategy"])
