@@ -102,7 +102,7 @@ class ChunkInterpreter:
         deltas: list[Event] = []
         if choices:
             if type(choices) is not list:
-                self._malformed("choices is not a list", str(chunk))
+                self._malformed("choices is not a list", str({**chunk, "choices": choices}))
                 return None
             for choice in choices:
                 self._remember_plain(choice)

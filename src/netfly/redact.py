@@ -7,6 +7,7 @@ first part is no longer recognised and is shown.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -37,12 +38,17 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> tuple[str, ...]:
-    """The password of ``url`` (as written and percent-decoded), if it has one."""
+    """The password of ``url`` (as written and percent-decoded) and the Basic credentials the HTTP
+    client makes of it, if it has one."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
     except ValueError:
         return ()
-    return (password, unquote(password)) if password else ()
+    if not parts.password:
+        return ()
+    user, password = unquote(parts.username or ""), unquote(parts.password)
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return parts.password, password, basic
 
 
 def header_secrets(headers: Mapping[str, str], secret_names: Collection[str] = ()) -> tuple[str, ...]:
