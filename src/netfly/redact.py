@@ -93,11 +93,12 @@ def clip(text: str, limit: int, secrets: Iterable[str | None] = ()) -> str:
 
 
 def drop_secret_prefix(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` (already cut by a reader, then scrubbed) without a trailing first part of a secret."""
+    """``text`` (cut by a reader, then scrubbed) without a trailing first part of a secret (or a
+    whole one)."""
     cut = 0
     for secret in secrets:
         if secret and len(secret) >= _MIN_SECRET:
-            sizes = range(min(len(secret) - 1, len(text)), cut, -1)
+            sizes = range(min(len(secret), len(text)), cut, -1)
             cut = next((size for size in sizes if text.endswith(secret[:size])), cut)
     return text[: len(text) - cut]
 
