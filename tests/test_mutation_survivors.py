@@ -10,7 +10,9 @@ Kill rates and how they were measured are in README "Reliability". Equivalent mu
 - retry.py ``_finite``: the ``ValueError``'s message: always caught inside ``parse_retry_after``.
 - redact.py ``drop_secret_prefix``: ``min(len(secret), …)`` → ``len(secret) + 1``: a prefix one
   longer than the secret is the secret.
-- events.py ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping.
+- events.py ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping;
+  ``_merge_meta``: ``if new.extra`` → ``or True``: a copy of ``old.extra`` instead of itself.
+- redact.py ``url_secrets``: ``.decode("ascii")`` → ``"ASCII"`` (codec names ignore case).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from netfly import ConfigurationError, StreamDecodeError, UpstreamError
 from netfly.chunks import ChunkInterpreter
 from netfly.events import ChatAccumulator, ChoiceDelta, ChunkMeta, ToolCallDelta, Usage
 from netfly.messages import validate_messages
-from netfly.redact import drop_secret_prefix, redact_headers
+from netfly.redact import drop_secret_prefix, header_secrets, redact_headers, scrub, url_secrets
 from netfly.sse import ServerSentEvent, SSEDecoder
 
 # -- messages ---------------------------------------------------------------------------------------
@@ -108,6 +110,22 @@ def test_drop_secret_prefix_edges() -> None:
     assert drop_secret_prefix("x sk-123", ["sk-12345"]) == "x "  # all but the last two
 
 
+def test_scrub_masks_a_slash_escaped_secret_in_raw_text() -> None:
+    assert scrub(r"bad key sk-a\/b\/c", ["sk-a/b/c"]) == "bad key ***"
+    assert scrub("plain sk-abc", ["sk-abc"]) == "plain ***"
+
+
+def test_scrub_masks_the_longest_secret_first() -> None:
+    assert scrub("key xzzzz", ["zzzz", "xzzzz"]) == "key ***"  # not "key x***"
+
+
+def test_credentials_found_in_headers_and_urls() -> None:
+    headers = {"Authorization": "Bearer sk-1", "x-api-key": "k-2", "x-team": "search", "api-key": " "}
+    assert header_secrets(headers) == ("sk-1", "k-2")
+    assert url_secrets("http://:pw-only@host") == ("pw-only", "pw-only", "OnB3LW9ubHk=")  # base64(":pw-only")
+    assert url_secrets("http://host") == ()
+
+
 def test_redact_headers_takes_secret_names_in_any_case() -> None:
     shown = redact_headers({"x-vendor-token": "v", "X-Other": "o"}, secret_names=("X-Vendor-Token",))
     assert shown == {"x-vendor-token": "***", "X-Other": "o"}
@@ -122,6 +140,14 @@ def test_events_without_extras_show_and_hold_nothing() -> None:
     with pytest.raises(KeyError, match="service_tier"):
         meta.extra["service_tier"]
     assert "delta_extra={}, choice_extra={}" in repr(ChoiceDelta())
+
+
+def test_text_parts_default_to_choice_zero() -> None:
+    accumulator = ChatAccumulator()
+    accumulator.add(ChoiceDelta(index=0, text="h"))
+    accumulator.text_parts().append("i")
+    result = accumulator.result()
+    assert (result.text, result.choices) == ("hi", [])
 
 
 def test_a_result_never_sent_fields_stays_none() -> None:
