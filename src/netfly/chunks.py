@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
 from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Usage
-from .redact import scrub
+from .redact import clip
 from .sse import ServerSentEvent
 
 __all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
@@ -28,6 +28,7 @@ __all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
 logger = logging.getLogger("netfly")
 
 DONE = "[DONE]"
+_QUOTED = 200  # characters of a malformed chunk quoted in a warning or error
 
 # What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
 Item: TypeAlias = "str | list[Event]"
@@ -101,13 +102,13 @@ class ChunkInterpreter:
         deltas: list[Event] = []
         if choices:
             if type(choices) is not list:
-                self._malformed("choices is not a list", str(chunk)[:200])
+                self._malformed("choices is not a list", str({**chunk, "choices": choices}))
                 return None
             for choice in choices:
                 self._remember_plain(choice)
                 delta = _choice_delta(choice, "delta")
                 if delta is None:
-                    self._malformed("a choice is not an object with a valid delta", str(choice)[:200])
+                    self._malformed("a choice is not an object with a valid delta", str(choice))
                     return None
                 if delta.finish_reason:
                     self.finished = True
@@ -148,12 +149,12 @@ class ChunkInterpreter:
         self.done = True
         choices = body.get("choices") or []
         if not isinstance(choices, list):
-            raise StreamDecodeError(f"JSON reply is not a chat.completion: {str(body)[:200]!r}")
+            raise self._not_a_completion(body)
         events: list[Event] = [_chunk_meta(body)]
         for choice in choices:
             delta = _choice_delta(choice, "message")
             if delta is None:
-                raise StreamDecodeError(f"JSON reply is not a chat.completion: {str(body)[:200]!r}")
+                raise self._not_a_completion(body)
             if delta.text is None and isinstance(choice.get("text"), str):  # the legacy completions shape
                 delta.text = choice["text"]
                 delta.choice_extra = {k: v for k, v in delta.choice_extra.items() if k != "text"}
@@ -164,9 +165,11 @@ class ChunkInterpreter:
             events.append(Usage(usage))
         return events
 
+    def _not_a_completion(self, body: Any) -> StreamDecodeError:
+        return StreamDecodeError(f"JSON reply is not a chat.completion: {clip(str(body), _QUOTED, self.secrets)!r}")
+
     def _malformed(self, reason: str, data: str) -> None:
-        # Scrub before cutting, so a secret across the cut cannot leave a prefix behind.
-        data = (scrub(data, self.secrets) if self.secrets else data)[:200]
+        data = clip(data, _QUOTED, self.secrets)  # scrubbed before the cut: no secret's prefix is left
         if self.strict:
             raise StreamDecodeError(f"{reason} (data: {data!r})")
         self.malformed_chunks += 1
@@ -259,5 +262,5 @@ def _upstream_error(payload: Any) -> UpstreamError:
     error = payload.get("error", payload) if isinstance(payload, dict) else payload
     if isinstance(error, dict):
         message = str(error.get("message") or error.get("detail") or error)
-        return UpstreamError(message, code=error.get("code"), type=error.get("type"))
+        return UpstreamError(message, code=error.get("code"), type=error.get("type"), param=error.get("param"))
     return UpstreamError(str(error) or "the server reported an error in the stream")

@@ -9,6 +9,7 @@ Every error netfly raises is a :class:`NetflyError`::
     │   ├── ProxyError                the proxy refused or failed
     │   └── NetflyTimeoutError        connect / idle / total limit hit (also a ``TimeoutError``)
     ├── ResponseStatusError           the server answered with a non-2xx status (``.status``)
+    │   ├── RedirectError             3xx: never followed (``.location``, password hidden)
     │   ├── BadRequestError           400, 404, 422 and other 4xx not listed below
     │   ├── AuthenticationError       401, 403
     │   ├── RateLimitError            429
@@ -22,7 +23,8 @@ Every error netfly raises is a :class:`NetflyError`::
     ├── CircuitOpenError              a routed provider skipped while it cools down after failures
     └── AllProvidersFailedError       a routed request failed on every provider (``.errors``)
 
-Messages never contain API keys or proxy passwords: they are built by netfly from redacted parts.
+Messages never contain API keys or proxy passwords: they are built by netfly from redacted parts,
+and every text an upstream sent (message, code, type, param, body) is scrubbed of the call's secrets.
 """
 
 from __future__ import annotations
@@ -111,6 +113,21 @@ class ResponseStatusError(NetflyError):
         super().__init__(f"{where}HTTP {status}: {message}" if message else f"{where}HTTP {status}")
 
 
+class RedirectError(ResponseStatusError):
+    """3xx: the server sent the request elsewhere. netfly never follows a redirect: following it
+    would turn a POST into a body-less GET (301/302/303) or hand the credentials to another host.
+    ``location`` is where it pointed (a password in it hidden); point the provider's ``url`` there.
+    """
+
+    def __init__(self, status: int, location: str, *, provider: str = "", body: Any = None) -> None:
+        self.location = location
+        where = f"to {location!r}" if location else "with no Location"
+        super().__init__(
+            status, f"redirected {where}; netfly does not follow redirects (set the provider's url to the "
+            "final address)", provider=provider, body=body,
+        )
+
+
 class BadRequestError(ResponseStatusError):
     """A 4xx status other than 401, 403 and 429: the request itself was refused."""
 
@@ -149,12 +166,14 @@ class StreamDecodeError(StreamError):
 
 
 class UpstreamError(NetflyError):
-    """The server reported an error inside a successful (2xx) answer."""
+    """The server reported an error inside a successful (2xx) answer: its ``message``, ``code``,
+    ``type`` and ``param`` as sent (secrets of the call scrubbed)."""
 
-    def __init__(self, message: str, *, code: Any = None, type: str | None = None) -> None:
+    def __init__(self, message: str, *, code: Any = None, type: Any = None, param: Any = None) -> None:
         self.message = message
         self.code = code
         self.type = type
+        self.param = param
         super().__init__(message)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from functools import partial
 from types import FunctionType
@@ -27,6 +27,7 @@ from .errors import ConfigurationError, ModelNotSupportedError
 from .events import ChatResult, Event
 from .health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_provider
 from .messages import validate_messages
+from .redact import header_secrets, redact_url, url_secrets
 from .retry import RetryPolicy
 from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from .stream import ChatRequest, ChatStream, PreparedCall
@@ -67,6 +68,9 @@ class Provider:
     model_aliases: ClassVar[Mapping[str, str]] = {}
     default_params: ClassVar[Mapping[str, Any]] = {}  # request-body defaults, overridable per call
     headers: ClassVar[Mapping[str, str]] = {}  # extra headers, over the defaults
+    # Headers holding credentials besides Authorization, x-api-key, api-key, Proxy-Authorization and
+    # Cookie: their values are scrubbed from errors and logs like the API key.
+    secret_headers: ClassVar[Collection[str]] = ()
     browser_headers: ClassVar[bool] = False  # send browser-like headers (origin, referer, UA)
     api_key: ClassVar[str | None] = None
     api_key_env: ClassVar[str | None] = None  # env var read when api_key is not set
@@ -121,7 +125,9 @@ class Provider:
         url = cls.url.rstrip("/") + "/" + cls.api_endpoint.lstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(f"{cls.name()}: url must be an http(s) URL with a host, got {cls.url!r}")
+            raise ConfigurationError(
+                f"{cls.name()}: url must be an http(s) URL with a host, got {redact_url(cls.url)!r}"
+            )
         return url
 
     @classmethod
@@ -138,7 +144,8 @@ class Provider:
     def default_headers(cls) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream, application/json"}
         if cls.browser_headers:
-            origin = cls.url.rstrip("/")
+            parts = urlsplit(cls.url.rstrip("/"))
+            origin = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never a URL's password
             headers.update({
                 "accept-language": "en-US,en;q=0.9",
                 "origin": origin,
@@ -157,7 +164,8 @@ class Provider:
         url = cls.endpoint_url().replace("/chat/completions", "/models")
         key = cls.resolve_api_key(api_key)
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        body = await fetch_json(url, headers=headers, timeout=cls.timeout, target=cls.name(), secrets=(key or "",))
+        secrets = _secrets(url, headers, cls.secret_headers, key, None)
+        body = await fetch_json(url, headers=headers, timeout=cls.timeout, target=cls.name(), secrets=secrets)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             return [cls.default_model] if cls.default_model else []
@@ -215,8 +223,9 @@ class Provider:
             strict=options.get("strict", False),
             max_line_bytes=options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
             max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
-            secrets=tuple(s for s in (api_key, parsed_proxy.password if parsed_proxy else None) if s),
+            secrets=_secrets(url, headers, cls.secret_headers, api_key, parsed_proxy),
             payload=payload,
+            secret_headers=frozenset(n.lower() for n in cls.secret_headers),
         )
 
     # -- calling -------------------------------------------------------------------------------
@@ -304,6 +313,15 @@ class Provider:
         check: the result has ``ok=False`` and the error.
         """
         return await check_provider(cls, model, timeout=timeout, proxy=proxy, **kwargs)
+
+
+def _secrets(
+    url: str, headers: Mapping[str, str], secret_names: Collection[str], api_key: str | None, proxy: Proxy | None
+) -> tuple[str, ...]:
+    """Everything of one call that must never be shown: the key, credential headers' values, the
+    passwords of the URL and of the proxy."""
+    found = (api_key, *header_secrets(headers, secret_names), *url_secrets(url), proxy.password if proxy else None)
+    return tuple(dict.fromkeys(s for s in found if s))
 
 
 def _override_headers(headers: dict[str, str], overrides: Mapping[str, str]) -> None:

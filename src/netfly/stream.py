@@ -31,7 +31,7 @@ from .errors import (
     UpstreamError,
 )
 from .events import ChatAccumulator, ChatResult, ChoiceDelta, Event
-from .redact import redact_headers, scrub
+from .redact import clip, redact_headers, redact_url, scrub, scrub_value
 from .retry import RetryPolicy
 from .sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
 from .transport import Proxy, SessionPool, StreamingResponse, Timeout, open_stream
@@ -57,11 +57,12 @@ class ChatRequest:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     secrets: tuple[str, ...] = ()
     payload: bytes = b""  # the serialised body; built once by the provider
+    secret_headers: frozenset[str] = frozenset()  # beyond redact.SENSITIVE_HEADERS
 
     def __repr__(self) -> str:
         return (
-            f"ChatRequest(provider={self.provider!r}, url={self.url!r}, "
-            f"headers={redact_headers(self.headers)!r}, model={self.body.get('model')!r}, "
+            f"ChatRequest(provider={self.provider!r}, url={redact_url(self.url)!r}, "
+            f"headers={redact_headers(self.headers, self.secret_headers)!r}, model={self.body.get('model')!r}, "
             f"proxy={self.proxy!r}, timeout={self.timeout!r})"
         )
 
@@ -318,7 +319,8 @@ class ChatStream:
             if content_type == "text/html":
                 snippet = (await response.read(2048)).decode("utf-8", "replace")
                 raise UpstreamError(
-                    f"{request.provider}: expected an event stream, got an HTML page: {snippet[:200]!r}"
+                    f"{request.provider}: expected an event stream, got an HTML page: "
+                    f"{clip(snippet, 200, request.secrets)!r}"
                 )
             decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
             interpret = interpreter.interpret
@@ -354,11 +356,16 @@ class ChatStream:
         return interpreter.interpret_completion(parsed)
 
 
+# Every field of an error that may hold text an upstream sent.
+_UPSTREAM_FIELDS = ("message", "code", "type", "param", "body", "location")
+
+
 def _scrub_error(error: NetflyError, secrets: tuple[str, ...]) -> NetflyError:
-    """Remove secrets a server echoed back (in an error body or an in-stream error) from ``error``."""
+    """Remove secrets a server echoed back (in an error body, an in-stream error's code or type, a
+    redirect's Location) from every text of ``error``."""
     if secrets:
         error.args = tuple(scrub(a, secrets) if isinstance(a, str) else a for a in error.args)
-        message = getattr(error, "message", None)
-        if isinstance(message, str):
-            error.message = scrub(message, secrets)  # type: ignore[attr-defined]
+        for name in _UPSTREAM_FIELDS:
+            if hasattr(error, name):
+                setattr(error, name, scrub_value(getattr(error, name), secrets))
     return error

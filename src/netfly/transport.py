@@ -27,12 +27,13 @@ from .errors import (
     NetflyError,
     NetflyTimeoutError,
     ProxyError,
+    RedirectError,
     StreamDecodeError,
     TransportError,
     error_for_status,
     error_message_from_body,
 )
-from .redact import redact_url, scrub
+from .redact import clip, drop_secret_prefix, redact_url, scrub, scrub_value
 from .retry import parse_retry_after
 
 try:
@@ -51,6 +52,8 @@ _READ_SIZE = 16 * 1024
 # After the end of an answer, how long to wait for the end of the body so the connection can be
 # reused; a server that keeps the body open longer only costs the caller this much.
 _DRAIN_AFTER_END = 0.25
+_NEVER_ROUND = float("inf")
+_LOCATION_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,11 @@ def client_timeout(timeout: Timeout, remaining_total: float | None) -> aiohttp.C
     # ``connect`` also bounds DNS resolution, which ``sock_connect`` alone leaves unbounded (a dead
     # resolver would hang the call). It includes waiting for a free pooled connection too, but the
     # pool allows 1000, so that wait only happens under a load where failing fast is right.
+    # ceil_threshold: aiohttp rounds deadlines of 5 s and more up to a whole second (to batch timer
+    # wake-ups); a total of 7 s would fire at up to 8 s. Limits are kept to the millisecond instead.
     return aiohttp.ClientTimeout(
-        total=remaining_total, connect=timeout.connect, sock_connect=timeout.connect, sock_read=timeout.idle
+        total=remaining_total, connect=timeout.connect, sock_connect=timeout.connect, sock_read=timeout.idle,
+        ceil_threshold=_NEVER_ROUND,
     )
 
 
@@ -295,7 +301,9 @@ async def fetch_json(
     method = "GET" if body is None else "POST"
     limits = client_timeout(timeout, timeout.total)
     try:
-        async with session.request(method, url, headers=headers, data=body, timeout=limits) as response:
+        async with session.request(
+            method, url, headers=headers, data=body, timeout=limits, allow_redirects=False
+        ) as response:
             if response.status >= 300:
                 raise await _status_error(response, target=target, proxy=None, secrets=secrets)
             raw = await response.read()
@@ -304,7 +312,7 @@ async def fetch_json(
     try:
         return _json.loads(raw)
     except ValueError:
-        raise StreamDecodeError(f"{target}: invalid JSON from {url}") from None
+        raise StreamDecodeError(f"{target}: invalid JSON from {redact_url(url)}") from None
 
 
 # -- streamed responses ----------------------------------------------------------------------------
@@ -400,6 +408,8 @@ async def open_stream(
             proxy=http_proxy.url_without_credentials if http_proxy else None,
             proxy_headers=proxy_headers,
             timeout=client_timeout(timeout, remaining),
+            # Never followed: see RedirectError (a POST turned into a GET, credentials to another host).
+            allow_redirects=False,
         )
     except CLIENT_FAILURES as exc:
         raise fail(exc) from None
@@ -421,19 +431,10 @@ async def _status_error(
         return ProxyError(
             f"proxy {proxy} refused the credentials for {target}: HTTP 407 {response.reason}", retryable=False
         )
-    try:
-        raw = await _read_limited(response, _ERROR_BODY_LIMIT)
-    except CLIENT_FAILURES:
-        raw = b""
-    # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub before parsing
-    # so neither the message nor ``error.body`` keeps it.
-    text = scrub(raw.decode("utf-8", "replace"), secrets)
-    body: Any = text
-    if text.strip():
-        try:
-            body = _json.loads(text)
-        except _json.JSONDecodeError:
-            pass
+    if 300 <= response.status < 400:
+        location = clip(redact_url(response.headers.get("Location", "")), _LOCATION_CHARS, secrets)
+        return RedirectError(response.status, location, provider=target)
+    body = await _error_body(response, secrets)
     return error_for_status(
         response.status,
         scrub(error_message_from_body(body, response.reason or ""), secrets),
@@ -441,6 +442,26 @@ async def _status_error(
         retry_after=parse_retry_after(response.headers),
         body=body if isinstance(body, dict) else None,
     )
+
+
+async def _error_body(response: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> Any:
+    """The error body, parsed as JSON when it is JSON, else its text; scrubbed of ``secrets``."""
+    try:
+        raw = await _read_limited(response, _ERROR_BODY_LIMIT)
+    except CLIENT_FAILURES:
+        raw = b""
+    # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub the raw text before
+    # parsing, and the parsed body after, since JSON may have escaped the key (``\/`` for ``/``).
+    text = scrub(raw.decode("utf-8", "replace"), secrets)
+    if len(raw) >= _ERROR_BODY_LIMIT:
+        text = drop_secret_prefix(text, secrets)  # the read cut a key in two
+    body: Any = text
+    if text.strip():
+        try:
+            body = scrub_value(_json.loads(text), secrets)
+        except _json.JSONDecodeError:
+            pass
+    return body
 
 
 def _with_proxy_authorization(

@@ -9,6 +9,7 @@ from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider, provider_names
 from ..providers.llama_server import INSTALL_HINT
 from ..providers.local import Local, is_available
+from ..redact import redact_url
 
 PROVIDER_ENV = "NETFLY_PROVIDER"
 
@@ -19,7 +20,7 @@ def resolve_provider(name: str | None, url: str | None, *, url_label: str | None
     ``url_label`` names the provider made for ``url`` (default: ``OpenAICompatible``).
     """
     if url:
-        provider = OpenAICompatible.configure(url=url, name=url_label)
+        provider = OpenAICompatible.configure(url=url, name=redact_url(url_label) if url_label else None)
         provider.endpoint_url()  # a malformed URL fails now, not on the first request
         return provider
     name = name or os.environ.get(PROVIDER_ENV)

@@ -14,6 +14,7 @@ from ..errors import ConfigurationError
 from ..health import DEFAULT_CHECK_TIMEOUT, HealthResult, check_all
 from ..provider import Provider
 from ..providers import OpenAICompatible, get_provider, provider_names
+from ..redact import redact_url
 from ..transport import aclose
 from .format import format_health_table
 
@@ -62,7 +63,7 @@ def selected_providers(names: list[str], urls: list[str]) -> list[type[Provider]
     if not wanted and not urls:
         wanted = provider_names()
     providers = [get_provider(name) for name in wanted]
-    providers += [OpenAICompatible.configure(url=url, name=url) for url in urls]
+    providers += [OpenAICompatible.configure(url=url, name=redact_url(url)) for url in urls]
     return providers
 
 

@@ -98,8 +98,11 @@ def describe(error: BaseException) -> ErrorInfo:
     if isinstance(error, TransportError):
         return ErrorInfo(502, str(error), "upstream_error", None, "upstream_unreachable")
     if isinstance(error, UpstreamError):
+        # The engine scrubbed these of the call's secrets; only plain strings are relayed.
         code = error.code if isinstance(error.code, str) else None
-        return ErrorInfo(502, str(error), error.type or "upstream_error", None, code)
+        kind = error.type if isinstance(error.type, str) and error.type else "upstream_error"
+        param = error.param if isinstance(error.param, str) else None
+        return ErrorInfo(502, str(error), kind, param, code)
     if isinstance(error, NetflyError):
         return ErrorInfo(502, str(error), "upstream_error")
     return ErrorInfo(500, "internal error of the gateway", "server_error")
