@@ -19,6 +19,7 @@ from ..gateway.connections import (
     ConnectionLimits,
 )
 from ..gateway.operations import Operations
+from ..gateway.redisstore import DEFAULT_STATE_TIMEOUT
 from ..gateway.relay import DEFAULT_KEEPALIVE
 from ..gateway.server import DEFAULT_SHUTDOWN_GRACE
 from ..provider import Provider
@@ -70,7 +71,18 @@ def register_cli(subparsers: Any) -> None:
                         help=f"comment line on a silent stream every SECONDS (default: {DEFAULT_KEEPALIVE:g}; "
                         "0: never)")
     _add_connection_options(parser)
+    _add_scale_options(parser)
     parser.set_defaults(func=run_serve)
+
+
+def _add_scale_options(parser: argparse.ArgumentParser) -> None:
+    scale = parser.add_argument_group("several processes and hosts")
+    scale.add_argument("--state", metavar="URL", default=None,
+                       help="share limits, stream slots, usage and circuit breakers in Redis or Valkey at URL "
+                       "(redis://host:port/db; needs netfly[redis]; default: [state] url, else this process's memory)")
+    scale.add_argument("--state-timeout", type=float, default=None, metavar="SECONDS",
+                       help="time limit of one state call before this process's memory serves instead "
+                       f"(default: [state] timeout, else {DEFAULT_STATE_TIMEOUT:g})")
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:

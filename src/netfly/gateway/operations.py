@@ -95,7 +95,7 @@ class Operations:
         self.store = store or MemoryStore()
         self.keys = KeyRing.from_config(config.keys) if config else KeyRing({}, {})
         self.usage = UsageBook(self.store)
-        self.metrics = GatewayMetrics(self._breakers)
+        self.metrics = GatewayMetrics(self._breakers, self.store.status)
         self.log = RequestLog(log_format, log_content)
         self.metrics_token = metrics_token or _metrics_token(config)
         self.gateway: Gateway | None = None
@@ -127,6 +127,8 @@ class Operations:
         app.router.add_get("/admin/usage", admin.usage(self))
         app.router.add_post("/admin/reload", admin.reload(self))
         app.on_response_prepare.append(self._add_headers)
+        app.on_startup.append(self._open_store)
+        app.on_cleanup.append(self._close_store)
         if self.path is not None:
             app.on_startup.append(self._reload_on_sighup)
             app.on_cleanup.append(self._stop_sighup)
@@ -163,6 +165,12 @@ class Operations:
         record.key = key = self.keys.identify(request.headers)
         record.rate_headers = await read_limits(self.store, key)
         return await handler(request)
+
+    async def _open_store(self, app: web.Application) -> None:
+        await self.store.open()
+
+    async def _close_store(self, app: web.Application) -> None:
+        await self.store.close()
 
     # -- calls from the model handlers ---------------------------------------------------------
 
