@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -85,8 +86,8 @@ async def test_a_key_gets_its_requests_per_minute_across_two_processes(
     upstream = await scripted(named_answer("hi"))
     # A generous timeout: this test counts across processes, a late answer would count in memory.
     config = config_toml(upstream, redis_server, "rpm = 30", timeout=0.5)
-    a, b = await serve_process(config), await serve_process(config)
-    answers = await asyncio.gather(*(post((a, b)[i % 2].gateway) for i in range(40)))
+    a, b, c = await serve_process(config), await serve_process(config), await serve_process(config, "--workers", "2")
+    answers = await asyncio.gather(*(post((a, b, c)[i % 3].gateway) for i in range(40)))
     statuses = [status for status, _ in answers]
     assert statuses.count(200) == 30 and statuses.count(429) == 10
     refused = [headers for status, headers in answers if status == 429]
@@ -182,3 +183,44 @@ async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_se
         await sleeper
     finally:
         await runner.cleanup()
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_workers_share_one_port_a_dead_one_is_replaced_and_sigterm_drains(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any
+) -> None:
+    upstream = await scripted(named_answer("slow", delay=0.3, pieces=4))
+    supervisor = await serve_process(config_toml(upstream, redis_server, "rpm = 1000"), "--workers", "2")
+    first = children(supervisor.process.pid)
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(now := children(supervisor.process.pid)) < 2 or first[0] in now:
+        assert time.monotonic() < deadline, "the dead worker was not replaced"
+        await asyncio.sleep(0.1)
+    await wait_until_serving(supervisor.gateway)
+    streams = [asyncio.create_task(supervisor.gateway.ask("m")) for _ in range(6)]
+    while len(upstream.requests) < 6:
+        await asyncio.sleep(0.02)
+    supervisor.stop(signal.SIGTERM)
+    assert await asyncio.gather(*streams) == ["slow " * 4] * 6  # drained, not cut
+    assert await asyncio.wait_for(supervisor.process.wait(), 15) == 0
+    log = supervisor.log.read_text()
+    assert f"gateway worker {first[0]} exited (killed by SIGKILL); starting a new one" in log
+
+
+async def test_workers_refuse_per_process_limits_without_state(scripted: Scripted, tmp_path: Path) -> None:
+    upstream = await scripted(named_answer("hi"))
+    path = tmp_path / "netfly.toml"
+    path.write_text(f'[providers.up]\nurl = "{upstream.url}"\n[models.m]\ntargets = [{{ provider = "up" }}]\n'
+                    f'[keys.alice]\nsha256 = "{digest(ALICE)}"\nrpm = 30\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(free_port()),
+        "--workers", "2", stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode != 0
+    assert ("--workers 2 without --state: the limits of key(s) alice would count per worker (2 times what they "
+            "say); share them with --state redis://HOST:PORT/DB") in stderr.decode()

@@ -102,7 +102,7 @@ async def serve_with_metrics(
     if metrics_port is None:
         await serve(app, host, port, **options)
         return
-    metrics = await start(operations.metrics_app(), host, metrics_port)
+    metrics = await start(operations.metrics_app(), host, metrics_port, reuse_port=options.get("reuse_port", False))
     try:
         await serve(app, host, port, **options)
     finally:
