@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from netfly.config import parse_config
 from netfly.gateway import bound_port, create_app, start
@@ -224,3 +225,36 @@ async def test_workers_refuse_per_process_limits_without_state(scripted: Scripte
     assert process.returncode != 0
     assert ("--workers 2 without --state: the limits of key(s) alice would count per worker (2 times what they "
             "say); share them with --state redis://HOST:PORT/DB") in stderr.decode()
+
+
+def two_targets(first: ScriptedServer, second: ScriptedServer, redis: RedisServer, threshold: int) -> str:
+    return (f'[state]\nurl = "{redis.url}"\n\n[providers.first]\nurl = "{first.url}"\nretries = 1\n\n'
+            f'[providers.second]\nurl = "{second.url}"\nretries = 1\n\n[models.m]\nfailure_threshold = {threshold}\n'
+            'cooldown = 30\ntargets = [{ provider = "first" }, { provider = "second" }]\n')
+
+
+async def skipped_elsewhere_within_a_second(a: Process, b: Process, first: ScriptedServer) -> None:
+    assert await a.gateway.ask("m") == "second second "
+    benched = time.monotonic()
+    tried = len(first.requests)
+    await asyncio.sleep(1.0)
+    assert await b.gateway.ask("m") == "second second "
+    assert len(first.requests) == tried, "the other process still tried the benched provider"
+    assert time.monotonic() - benched < 2
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_a_provider_benched_by_one_process_is_skipped_by_the_others(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any, status: int
+) -> None:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "no", "type": "server_error"}}, status=status,
+                                 headers={"Retry-After": "20"} if status == 429 else {})
+
+    first, second = await scripted(*[refuse] * 5), await scripted(named_answer("second"))
+    # 500: the circuit opens at the first failure; 429 + Retry-After: benched though far from the threshold.
+    config = two_targets(first, second, redis_server, threshold=1 if status == 500 else 5)
+    a, b = await serve_process(config), await serve_process(config, "--workers", "2")
+    await skipped_elsewhere_within_a_second(a, b, first)
+    assert await b.gateway.ask("m") == "second second "  # the other worker of b too
+    assert len(first.requests) == 1

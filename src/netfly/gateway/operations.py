@@ -111,7 +111,15 @@ class Operations:
         """The router of the file's providers and models; ``None`` when it declares no provider."""
         if self.config is None or not self.config.providers:
             return None
-        return ConfigRouter(self.config)
+        return self._shared(ConfigRouter(self.config))
+
+    def _shared(self, router: ConfigRouter) -> ConfigRouter:
+        """With a shared store, the router's circuit breakers are shared too."""
+        bench = getattr(self.store, "bench", None)
+        if bench is not None:
+            for model, book in router.breakers().items():
+                book.share(bench, model)
+        return router
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -248,7 +256,7 @@ class Operations:
             raise ConfigurationError("this gateway was not started from a configuration file")
         async with self._reloading:
             config = load_config(self.path)
-            router = ConfigRouter(config) if config.providers else None
+            router = self._shared(ConfigRouter(config)) if config.providers else None
             keys = KeyRing.from_config(config.keys)
             if self.gateway is not None and router is not None:
                 self.gateway.router = router

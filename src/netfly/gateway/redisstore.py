@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
+from .bench import RedisBench, redis_errors
 from .keys import Bucket, MemoryStore, StateStore
 
 __all__ = ["DEFAULT_LEASE_TTL", "DEFAULT_STATE_TIMEOUT", "RedisStore", "describe_url"]
@@ -123,6 +124,7 @@ class RedisStore(StateStore):
         self._bucket = self.client.register_script(_BUCKET_LUA)
         self._lease = self.client.register_script(_LEASE_LUA)
         self._renew = self.client.register_script(_RENEW_LUA)
+        self.bench = RedisBench(self.client, timeout)  # circuit breakers shared by the routers
         self._held: dict[str, set[str]] = {}  # leases taken in Redis by this process, renewed while held
         self._keeper: asyncio.Task[None] | None = None
         self._down_since: float | None = None
@@ -141,8 +143,10 @@ class RedisStore(StateStore):
         if not self.shared:
             self._went_down("not reachable at start")
         self._keeper = asyncio.create_task(self._keep())
+        self.bench.start()
 
     async def close(self) -> None:
+        await self.bench.stop()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,7 +167,7 @@ class RedisStore(StateStore):
     async def _reconnect(self) -> None:
         try:
             await asyncio.wait_for(self._warm_up(), 1.0)
-        except (OSError, asyncio.TimeoutError, _redis_error()):
+        except redis_errors():
             return
         if self._down_since is not None:
             logger.warning("state store %s is back after %.1f s: limits, leases and usage are shared again",
@@ -207,7 +211,7 @@ class RedisStore(StateStore):
                 self._late += 1
                 if self._late >= _TIMEOUTS_TO_FALL_BACK and self.shared:
                     self._went_down(f"{self._late} calls in a row took over {self.timeout * 1000:g} ms")
-            except (OSError, _redis_error()) as exc:
+            except redis_errors() as exc:
                 if self.shared:  # several calls in flight fail together: say it once
                     self._went_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
@@ -276,9 +280,3 @@ class RedisStore(StateStore):
 
 async def _nothing() -> None:
     return None
-
-
-def _redis_error() -> type[Exception]:
-    from redis.exceptions import RedisError
-
-    return RedisError
