@@ -46,8 +46,8 @@ from .provider import Provider
 from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
 
 __all__ = [
-    "CircuitBreakers", "Fastest", "SharedBench", "Ordered", "ProviderRecord", "RetryProvider", "RoutePlan", "RoutedAttempt",
-    "RoutedProvider", "RoutedStream", "RoutedStreamStats", "Shuffled", "Strategy",
+    "CircuitBreakers", "Fastest", "Ordered", "ProviderRecord", "RetryProvider", "RoutePlan", "RoutedAttempt",
+    "RoutedProvider", "RoutedStream", "RoutedStreamStats", "SharedBench", "Shuffled", "Strategy",
 ]
 
 logger = logging.getLogger("netfly")
