@@ -36,7 +36,11 @@ DEFAULT_STATE_TIMEOUT = 0.025
 DEFAULT_LEASE_TTL = 30.0  # a dead process's stream slots are free again after this
 _RECONNECT_EVERY = 0.5  # seconds between pings while Redis is away
 _TIMEOUTS_TO_FALL_BACK = 3
+_BEAT = 0.01  # the event loop's heartbeat: late by more than the timeout, the loop is saturated
+_MAX_WAITS = 10  # a saturated loop waits at most this many timeouts for an answer
+_SILENCE = 0.25  # seconds without an answer in time, with timeouts, before switching to memory
 _WARM_CONNECTIONS = 16
+_MAX_CONNECTIONS = 64  # per process
 _COUNTER_INDEX = "{netfly:index}:counters"  # names of every counter set, for ``counters``
 _T = TypeVar("_T")
 
@@ -115,10 +119,16 @@ class RedisStore(StateStore):
         self.fallbacks = 0  # times this process switched to its memory
         self.timeouts = 0  # calls answered from memory because Redis was late
         self._late = 0  # timeouts in a row
+        self._answered = 0.0  # when Redis last answered a call in time
+        self._beat = time.monotonic()
+        self._beating: asyncio.Task[None] | None = None
         try:
-            # No retries of its own: a failed call falls back at once, the reconnect loop retries.
-            self.client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0,
-                                               retry=Retry(NoBackoff(), 0), decode_responses=True)
+            # No retries of its own: a failed call falls back at once, the reconnect loop retries. A
+            # bounded pool: calls beyond it wait for a connection (within their timeout) instead of failing.
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=_MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0,
+                socket_timeout=1.0, retry=Retry(NoBackoff(), 0), decode_responses=True)
+            self.client = redis.Redis(connection_pool=pool)
         except ValueError as exc:
             raise ConfigurationError(f"state URL {describe_url(url)!r}: {exc}") from None
         self._bucket = self.client.register_script(_BUCKET_LUA)
@@ -143,14 +153,16 @@ class RedisStore(StateStore):
         if not self.shared:
             self._went_down("not reachable at start")
         self._keeper = asyncio.create_task(self._keep())
+        self._beating = asyncio.create_task(self._heartbeat())
         self.bench.start()
 
     async def close(self) -> None:
         await self.bench.stop()
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        for task in (self._keeper, self._beating):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
 
     async def _keep(self) -> None:
@@ -202,22 +214,50 @@ class RedisStore(StateStore):
     async def _call(self, shared: Callable[[], Awaitable[_T]], local: Callable[[], Awaitable[_T]],
                     timeout: float | None = None) -> _T:
         """``shared()`` within the timeout, else ``local()``. An error switches to memory at once;
-        timeouts do after a few in a row (one late answer on a busy event loop is not an outage)."""
+        timeouts do when several come in a row and no call was answered in time for a while."""
         if self.shared:
             try:
-                found = await asyncio.wait_for(shared(), timeout or self.timeout)
+                found = await self._answer(shared(), timeout or self.timeout)
             except asyncio.TimeoutError:
                 self.timeouts += 1
                 self._late += 1
-                if self._late >= _TIMEOUTS_TO_FALL_BACK and self.shared:
+                if self._late >= _TIMEOUTS_TO_FALL_BACK and self.shared and self._silent():
                     self._went_down(f"{self._late} calls in a row took over {self.timeout * 1000:g} ms")
             except redis_errors() as exc:
                 if self.shared:  # several calls in flight fail together: say it once
                     self._went_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
-                self._late = 0
+                self._late, self._answered = 0, time.monotonic()
                 return found
         return await local()
+
+    async def _answer(self, call: Awaitable[_T], timeout: float) -> _T:
+        """``call``'s result, or :class:`asyncio.TimeoutError` after ``timeout``; while this event loop
+        is too busy to have read the answer (its heartbeat is late), up to ``_MAX_WAITS`` timeouts."""
+        task = asyncio.ensure_future(call)
+        for _ in range(_MAX_WAITS):
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+            if done:
+                return task.result()
+            if not self._loop_busy():
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *redis_errors()):
+            await task
+        raise asyncio.TimeoutError
+
+    def _loop_busy(self) -> bool:
+        return time.monotonic() - self._beat > _BEAT + self.timeout
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(_BEAT)
+
+    def _silent(self) -> bool:
+        # Late answers while others still arrive, or while this event loop is too busy to read them,
+        # are this process's own queue (a burst of requests), not an outage.
+        return time.monotonic() - self._answered > _SILENCE and not self._loop_busy()
 
     # -- the StateStore operations -------------------------------------------------------------
 
