@@ -27,7 +27,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "ConfigFileError", "KeyConfig", "ModelGroupConfig", "NetflyConfig", "ProviderConfig", "ServerConfig",
-    "TargetConfig", "load_config", "parse_config",
+    "StateConfig", "TargetConfig", "load_config", "parse_config",
 ]
 
 STRATEGIES = ("ordered", "weighted", "fastest", "hedge", "least-busy")
@@ -200,10 +200,29 @@ class ServerConfig(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # serve /metrics on its own port
 
 
+class StateConfig(_Section):
+    """``[state]``: where the state shared by several gateway processes lives (Redis or Valkey)."""
+
+    url: str | None = Field(default=None, repr=False)  # redis://host:port/db; may hold a password
+    timeout: PositiveFloat = 0.025  # seconds per state call, then this process's memory serves
+    lease_ttl: PositiveFloat = 30.0  # seconds a dead process's stream slots stay taken
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        expanded = expand_env(url)
+        if not re.match(r"^(rediss?://[^/\s]*|unix://\S+)", expanded):
+            raise ValueError("must be a redis://host:port/db, rediss:// or unix:// URL")
+        return expanded
+
+
 class NetflyConfig(_Section):
     """The whole file."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, ModelGroupConfig] = Field(default_factory=dict)
     keys: dict[str, KeyConfig] = Field(default_factory=dict)

@@ -47,7 +47,7 @@ from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, Stream
 
 __all__ = [
     "CircuitBreakers", "Fastest", "Ordered", "ProviderRecord", "RetryProvider", "RoutePlan", "RoutedAttempt",
-    "RoutedProvider", "RoutedStream", "RoutedStreamStats", "Shuffled", "Strategy",
+    "RoutedProvider", "RoutedStream", "RoutedStreamStats", "SharedBench", "Shuffled", "Strategy",
 ]
 
 logger = logging.getLogger("netfly")
@@ -72,6 +72,21 @@ class ProviderRecord:
     last_error: str | None = None
 
 
+class SharedBench(Protocol):
+    """Where the routers of several processes tell each other which provider is benched, and for how
+    long (the gateway's is in Redis). Its methods must not wait: reads are local, writes are sent
+    in the background."""
+
+    def benched(self, name: str) -> tuple[float, str] | None:
+        """Seconds ``name`` is still benched for and why, or ``None``."""
+
+    def bench(self, name: str, seconds: float, reason: str) -> None:
+        """Bench ``name`` everywhere for ``seconds``."""
+
+    def clear(self, name: str) -> None:
+        """``name`` works again (a trial request succeeded): lift its bench everywhere."""
+
+
 class CircuitBreakers:
     """Circuit breakers and time-to-first-token averages of one router's providers (its memory;
     :func:`netfly.health.check_provider` is the live check).
@@ -88,6 +103,13 @@ class CircuitBreakers:
         self.cooldown = cooldown
         self.clock = clock
         self._entries: dict[type[Provider], ProviderRecord] = {}
+        self._bench: SharedBench | None = None
+        self._scope = ""
+
+    def share(self, bench: SharedBench, scope: str) -> None:
+        """Open circuits and upstream ``Retry-After`` waits are told to, and read from, ``bench``
+        (as ``SCOPE/PROVIDER``); running averages stay here."""
+        self._bench, self._scope = bench, scope
 
     def entry(self, provider: type[Provider]) -> ProviderRecord:
         found = self._entries.get(provider)
@@ -106,11 +128,18 @@ class CircuitBreakers:
         """Why ``provider`` must be skipped now, or ``None`` when it may be tried."""
         entry = self.entry(provider)
         if entry.opened_at is None:
-            return None
+            return self._benched_elsewhere(entry)
         remaining = entry.opened_at + self.cooldown - self.clock()
         if remaining > 0 or entry.probing:
             return CircuitOpenError(entry.name, max(0.0, remaining), entry.consecutive_failures, entry.last_error)
         return None
+
+    def _benched_elsewhere(self, entry: ProviderRecord) -> CircuitOpenError | None:
+        found = self._bench.benched(f"{self._scope}/{entry.name}") if self._bench is not None else None
+        if found is None:
+            return None
+        remaining, reason = found
+        return CircuitOpenError(entry.name, remaining, entry.consecutive_failures, reason)
 
     def started(self, provider: type[Provider]) -> None:
         entry = self.entry(provider)
@@ -119,6 +148,8 @@ class CircuitBreakers:
 
     def succeeded(self, provider: type[Provider], time_to_first_token: float | None) -> None:
         entry = self.entry(provider)
+        if entry.opened_at is not None and self._bench is not None:
+            self._bench.clear(f"{self._scope}/{entry.name}")
         entry.successes += 1
         entry.consecutive_failures = 0
         entry.opened_at = None
@@ -144,6 +175,14 @@ class CircuitBreakers:
             logger.warning(
                 "%s: %d failure(s) in a row; skipped for %.1f s", entry.name, entry.consecutive_failures, self.cooldown
             )
+            self._tell_bench(entry, self.cooldown)
+        wait = getattr(error, "retry_after", None)
+        if isinstance(wait, (int, float)) and wait > 0:
+            self._tell_bench(entry, float(wait))  # the upstream asked every caller to wait
+
+    def _tell_bench(self, entry: ProviderRecord, seconds: float) -> None:
+        if self._bench is not None and seconds > 0:
+            self._bench.bench(f"{self._scope}/{entry.name}", seconds, entry.last_error or "failing")
 
     def released(self, provider: type[Provider]) -> None:
         """The provider's request was cancelled: neither a success nor a failure."""

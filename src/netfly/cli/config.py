@@ -9,10 +9,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import ConfigFileError, NetflyConfig, ServerConfig, load_config
+from ..config import ConfigFileError, NetflyConfig, ServerConfig, StateConfig, load_config
 from ..errors import ConfigurationError
 from ..gateway.groups import ConfigRouter
+from ..gateway.keys import StateStore
 from ..gateway.operations import Operations
+from ..gateway.redisstore import RedisStore
 from ..gateway.server import serve, start
 
 EXIT_INVALID = 2
@@ -75,8 +77,21 @@ def operations_from_args(args: argparse.Namespace) -> tuple[Operations, ServerCo
     if config is not None:
         config = config.model_copy(update={"server": server})
     setup_request_log(server.log_format)
-    operations = Operations(config, path=args.config, log_format=server.log_format, log_content=server.log_content)
+    operations = Operations(config, path=args.config, store=state_store(args, config),
+                            log_format=server.log_format, log_content=server.log_content)
     return operations, server
+
+
+def state_store(args: argparse.Namespace, config: NetflyConfig | None) -> StateStore | None:
+    """A :class:`RedisStore` when ``--state`` or ``[state] url`` names one; ``None``: this process's memory."""
+    state = config.state if config else StateConfig()
+    url = getattr(args, "state", None) or state.url
+    if url is None:
+        return None
+    timeout = getattr(args, "state_timeout", None) or state.timeout
+    if not 0 < timeout < float("inf"):
+        raise ConfigurationError(f"--state-timeout must be a positive number of seconds, got {timeout!r}")
+    return RedisStore(url, timeout=timeout, lease_ttl=state.lease_ttl)
 
 
 async def serve_with_metrics(
@@ -87,7 +102,7 @@ async def serve_with_metrics(
     if metrics_port is None:
         await serve(app, host, port, **options)
         return
-    metrics = await start(operations.metrics_app(), host, metrics_port)
+    metrics = await start(operations.metrics_app(), host, metrics_port, reuse_port=options.get("reuse_port", False))
     try:
         await serve(app, host, port, **options)
     finally:

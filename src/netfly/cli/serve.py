@@ -19,12 +19,14 @@ from ..gateway.connections import (
     ConnectionLimits,
 )
 from ..gateway.operations import Operations
+from ..gateway.redisstore import DEFAULT_STATE_TIMEOUT
 from ..gateway.relay import DEFAULT_KEEPALIVE
 from ..gateway.server import DEFAULT_SHUTDOWN_GRACE
 from ..provider import Provider
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
 from .config import operations_from_args, serve_with_metrics
+from .workers import WORKER_FLAG, Supervisor, worker_argv
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
 
@@ -70,7 +72,22 @@ def register_cli(subparsers: Any) -> None:
                         help=f"comment line on a silent stream every SECONDS (default: {DEFAULT_KEEPALIVE:g}; "
                         "0: never)")
     _add_connection_options(parser)
+    _add_scale_options(parser)
     parser.set_defaults(func=run_serve)
+
+
+def _add_scale_options(parser: argparse.ArgumentParser) -> None:
+    scale = parser.add_argument_group("several processes and hosts")
+    scale.add_argument("--state", metavar="URL", default=None,
+                       help="share limits, stream slots, usage and circuit breakers in Redis or Valkey at URL "
+                       "(redis://host:port/db; needs netfly[redis]; default: [state] url, else this process's memory)")
+    scale.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="N gateway processes on one port (SO_REUSEPORT), a dead one replaced; with more than "
+                       "one, keys with limits need --state (default: 1)")
+    scale.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    scale.add_argument("--state-timeout", type=float, default=None, metavar="SECONDS",
+                       help="time limit of one state call before this process's memory serves instead "
+                       f"(default: [state] timeout, else {DEFAULT_STATE_TIMEOUT:g})")
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +113,11 @@ def run_serve(args: argparse.Namespace) -> int:
     chosen = _chosen_providers(args, operations)
     token = args.auth_token or (None if operations.keys else os.environ.get(TOKEN_ENV)) or None
     args.host, args.port = settings.host, settings.port
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise ConfigurationError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace!r}")
+    if args.workers != 1:
+        _check_workers(args, operations)
+        return Supervisor(worker_argv(args.argv), args.workers, args.shutdown_grace).run()
     app = create_app(
         chosen[0],
         providers={provider.name(): provider for provider in chosen if provider is not None},
@@ -114,8 +136,6 @@ def run_serve(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
     )
-    if not 0 <= args.shutdown_grace < float("inf"):
-        raise ConfigurationError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace!r}")
     gateway_logger = logging.getLogger("netfly.gateway")
     if gateway_logger.getEffectiveLevel() > logging.INFO:
         gateway_logger.setLevel(logging.INFO)  # the per-request lines are the point of a server's log
@@ -124,12 +144,28 @@ def run_serve(args: argparse.Namespace) -> int:
                        args.host)
     try:
         asyncio.run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
-                                       shutdown_timeout=args.shutdown_grace, limits=limits))
+                                       shutdown_timeout=args.shutdown_grace, limits=limits, reuse_port=args.worker))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # cannot bind: port in use, address not available, permission
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _check_workers(args: argparse.Namespace, operations: Operations) -> None:
+    """Several workers: refuse what would silently be wrong, warn about what is per process."""
+    if args.workers < 1:
+        raise ConfigurationError(f"--workers must be a whole number >= 1, got {args.workers}")
+    if args.port == 0:
+        raise ConfigurationError("--workers needs a fixed --port: with port 0 each worker would get its own")
+    if operations.store.status()["backend"] != "memory":
+        return
+    limited = sorted(k.name for k in operations.keys.keys.values() if k.rpm or k.tpm or k.max_streams)
+    if limited:
+        raise ConfigurationError(
+            f"--workers {args.workers} without --state: the limits of key(s) {', '.join(limited)} would count per "
+            f"worker ({args.workers} times what they say); share them with --state redis://HOST:PORT/DB")
+    logger.warning("--workers %d without --state: circuit breakers and usage are per worker", args.workers)
 
 
 def _chosen_providers(args: argparse.Namespace, operations: Operations) -> list[type[Provider] | None]:

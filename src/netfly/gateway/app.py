@@ -196,7 +196,7 @@ class Gateway:
     # -- handlers ------------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        body: dict[str, Any] = {"status": "ok", "version": __version__}
+        body: dict[str, Any] = {"status": "ok", "version": __version__, "state": self.operations.store.status()}
         local = self._local_engine()
         if local is not None:
             body["local"] = local

@@ -40,6 +40,12 @@ class Bucket:
     reset: float  # seconds until the bucket is full again
     retry_after: float  # seconds until ``amount`` would be allowed (0 when allowed)
 
+    @classmethod
+    def after(cls, allowed: bool, level: float, amount: float, capacity: float, per_second: float) -> Bucket:
+        """The outcome of a take of ``amount`` that left the bucket at ``level``."""
+        missing = 0.0 if allowed else amount - level
+        return cls(allowed, max(0.0, level), (capacity - level) / per_second, missing / per_second)
+
 
 class StateStore(abc.ABC):
     """Shared numbers of the gateway; every operation is atomic on its own."""
@@ -69,6 +75,16 @@ class StateStore(abc.ABC):
     async def counters(self, prefix: str) -> dict[str, dict[str, int]]:
         """Every counter set whose name starts with ``prefix``."""
 
+    async def open(self) -> None:  # noqa: B027 - optional: a store in memory has nothing to open
+        """Connect (a shared store); called when the gateway starts."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Disconnect; called when the gateway stops."""
+
+    def status(self) -> dict[str, Any]:
+        """What ``/health`` says of the store: its kind and whether its state is shared now."""
+        return {"backend": "memory", "shared": False}
+
 
 class MemoryStore(StateStore):
     """The store of one process. No operation awaits anything, so each is atomic in the event loop."""
@@ -89,8 +105,7 @@ class MemoryStore(StateStore):
         if allowed:
             level -= amount
         self._buckets[name] = (level, self._clock())
-        missing = 0.0 if allowed else amount - level
-        return Bucket(allowed, max(0.0, level), (capacity - level) / per_second, missing / per_second)
+        return Bucket.after(allowed, level, amount, capacity, per_second)
 
     async def give(self, name: str, amount: float, capacity: float, per_second: float) -> None:
         self._buckets[name] = (min(capacity, self._level(name, capacity, per_second) + amount), self._clock())

@@ -8,9 +8,10 @@ key names, providers the configured providers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..routing import CircuitBreakers
@@ -27,7 +28,8 @@ _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 class GatewayMetrics:
     """The counters, histograms and gauges of one gateway."""
 
-    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]]) -> None:
+    def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]],
+                 state: Callable[[], Mapping[str, Any]] = lambda: {"shared": False}) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("netfly_requests", "Requests answered, by route, public model, key name and status",
@@ -45,6 +47,7 @@ class GatewayMetrics:
                                 ["model", "kind"], buckets=_TOKENS, registry=r)
         self.in_flight = Gauge("netfly_streams_in_flight", "Answers being streamed now", ["model"], registry=r)
         r.register(_BreakerCollector(breakers))
+        r.register(_StateCollector(state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -76,4 +79,21 @@ class _BreakerCollector(Collector):
         yield family
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
+class _StateCollector(Collector):
+    """Whether the state store is shared now (Redis answering) and how often it fell back to memory."""
+
+    def __init__(self, state: Callable[[], Mapping[str, Any]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        yield GaugeMetricFamily("netfly_state_shared", "1 while limits, leases and usage are shared (Redis "
+                                "answers), 0 while this process's memory serves", value=int(bool(state["shared"])))
+        yield CounterMetricFamily("netfly_state_fallbacks", "Times this process lost its shared state store "
+                                  "and fell back to its memory", value=state.get("fallbacks", 0))
+
+    def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -95,7 +95,7 @@ class Operations:
         self.store = store or MemoryStore()
         self.keys = KeyRing.from_config(config.keys) if config else KeyRing({}, {})
         self.usage = UsageBook(self.store)
-        self.metrics = GatewayMetrics(self._breakers)
+        self.metrics = GatewayMetrics(self._breakers, self.store.status)
         self.log = RequestLog(log_format, log_content)
         self.metrics_token = metrics_token or _metrics_token(config)
         self.gateway: Gateway | None = None
@@ -111,7 +111,15 @@ class Operations:
         """The router of the file's providers and models; ``None`` when it declares no provider."""
         if self.config is None or not self.config.providers:
             return None
-        return ConfigRouter(self.config)
+        return self._shared(ConfigRouter(self.config))
+
+    def _shared(self, router: ConfigRouter) -> ConfigRouter:
+        """With a shared store, the router's circuit breakers are shared too."""
+        bench = getattr(self.store, "bench", None)
+        if bench is not None:
+            for model, book in router.breakers().items():
+                book.share(bench, model)
+        return router
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -127,6 +135,8 @@ class Operations:
         app.router.add_get("/admin/usage", admin.usage(self))
         app.router.add_post("/admin/reload", admin.reload(self))
         app.on_response_prepare.append(self._add_headers)
+        app.on_startup.append(self._open_store)
+        app.on_cleanup.append(self._close_store)
         if self.path is not None:
             app.on_startup.append(self._reload_on_sighup)
             app.on_cleanup.append(self._stop_sighup)
@@ -163,6 +173,12 @@ class Operations:
         record.key = key = self.keys.identify(request.headers)
         record.rate_headers = await read_limits(self.store, key)
         return await handler(request)
+
+    async def _open_store(self, app: web.Application) -> None:
+        await self.store.open()
+
+    async def _close_store(self, app: web.Application) -> None:
+        await self.store.close()
 
     # -- calls from the model handlers ---------------------------------------------------------
 
@@ -240,7 +256,7 @@ class Operations:
             raise ConfigurationError("this gateway was not started from a configuration file")
         async with self._reloading:
             config = load_config(self.path)
-            router = ConfigRouter(config) if config.providers else None
+            router = self._shared(ConfigRouter(config)) if config.providers else None
             keys = KeyRing.from_config(config.keys)
             if self.gateway is not None and router is not None:
                 self.gateway.router = router

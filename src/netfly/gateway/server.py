@@ -37,6 +37,7 @@ async def start(
     *,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_GRACE,
     limits: ConnectionLimits | None = None,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     """Start serving ``app`` on ``host:port``; stop it with ``await runner.cleanup()``.
 
@@ -45,6 +46,8 @@ async def start(
     ``limits`` (default: :class:`ConnectionLimits`'s) bounds slow and idle clients and the number of
     connections. On cleanup, requests in flight get ``shutdown_timeout`` seconds to finish (see
     the module's doc). ``app`` must not have been started before (its hooks are added here).
+    ``reuse_port``: several processes may listen on the port (``SO_REUSEPORT``; the kernel spreads
+    the connections over them).
     """
     limits = limits or ConnectionLimits()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_AFTER_CUT_TIMEOUT,
@@ -57,7 +60,7 @@ async def start(
     app.on_shutdown.append(shutdown.on_shutdown)
     await runner.setup()
     try:
-        site = _GuardedSite(runner, host, port, guard)
+        site = _GuardedSite(runner, host, port, guard, reuse_port)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -80,9 +83,10 @@ async def serve(
     *,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_GRACE,
     limits: ConnectionLimits | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve ``app`` until SIGTERM, SIGINT or cancellation, then close every connection."""
-    runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits)
+    runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits, reuse_port=reuse_port)
     logger.info("gateway listening on http://%s:%d", _url_host(host), bound_port(runner))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,8 +107,10 @@ async def serve(
 class _GuardedSite(web.BaseSite):
     """A TCP site whose connections go through a :class:`ConnectionGuard`."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard,
+                 reuse_port: bool = False) -> None:
         super().__init__(runner)
+        self._reuse_port = reuse_port
         self._host = host
         self._port = port
         self._guard = guard
@@ -116,7 +122,7 @@ class _GuardedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._guard, self._host, self._port)
+        self._server = await loop.create_server(self._guard, self._host, self._port, reuse_port=self._reuse_port)
 
 
 def _protocol(runner: web.AppRunner) -> asyncio.Protocol:

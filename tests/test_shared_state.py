@@ -1,0 +1,260 @@
+"""Several gateway processes on one real redis-server: limits, stream slots, usage and circuit
+breakers are shared; Redis down or slow never fails a client request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from netfly.config import parse_config
+from netfly.gateway import bound_port, create_app, start
+from netfly.gateway.operations import Operations
+from netfly.gateway.redisstore import RedisStore
+
+from .conftest import ScriptedServer
+from .redis_server import RedisServer, redis_server
+from .test_operate import ALICE, MESSAGES, Running, digest, free_port, named_answer, wait_until_serving
+
+__all__ = ["redis_server"]  # the fixture, imported to be used here
+
+Scripted = Callable[..., Awaitable[ScriptedServer]]
+
+
+def config_toml(upstream: ScriptedServer, redis: RedisServer, key: str, **state: Any) -> str:
+    settings = "".join(f"{name} = {value}\n" for name, value in state.items())
+    return (f'[state]\nurl = "{redis.url}"\n{settings}\n[providers.up]\nurl = "{upstream.url}"\n\n'
+            f'[models.m]\ntargets = [{{ provider = "up" }}]\n\n[keys.alice]\nsha256 = "{digest(ALICE)}"\n{key}\n')
+
+
+class Process:
+    """``netfly serve`` in a child process, its log in a file."""
+
+    def __init__(self, process: asyncio.subprocess.Process, gateway: Running, log: Path) -> None:
+        self.process, self.gateway, self.log = process, gateway, log
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+
+
+@pytest.fixture
+async def serve_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Process]]]:
+    started: list[Process] = []
+
+    async def launch(config: str, *args: str) -> Process:
+        path = tmp_path / f"netfly{len(started)}.toml"
+        path.write_text(config)
+        port, log = free_port(), tmp_path / f"gateway{len(started)}.log"
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(port), *args,
+                stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+            )
+        running = Process(process, Running(f"http://127.0.0.1:{port}"), log)
+        started.append(running)
+        await wait_until_serving(running.gateway)
+        return running
+
+    yield launch
+    for running in started:
+        running.stop(signal.SIGKILL)
+        await running.process.wait()
+
+
+async def post(gateway: Running, *, stream: bool = False) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.post(
+        gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"},
+        json={"model": "m", "messages": MESSAGES, "stream": stream},
+    ) as response:
+        await response.read()
+        return response.status, dict(response.headers)
+
+
+async def test_a_key_gets_its_requests_per_minute_across_two_processes(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any
+) -> None:
+    upstream = await scripted(named_answer("hi"))
+    # A generous timeout: this test counts across processes, a late answer would count in memory.
+    config = config_toml(upstream, redis_server, "rpm = 30", timeout=0.5)
+    a, b, c = await serve_process(config), await serve_process(config), await serve_process(config, "--workers", "2")
+    answers = await asyncio.gather(*(post((a, b, c)[i % 3].gateway) for i in range(40)))
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == 30 and statuses.count(429) == 10
+    refused = [headers for status, headers in answers if status == 429]
+    waits = {int(headers["Retry-After"]) for headers in refused}
+    assert waits <= {1, 2}  # one request more every 2 s (30 a minute)
+    assert (await post(a.gateway))[0] == 429
+    await asyncio.sleep(max(waits))
+    assert (await post(b.gateway))[0] == 200  # Retry-After was long enough, and not longer
+    _status, _, usage = await a.gateway.raw("GET", "/health", None)
+    assert usage["state"] == {"backend": "redis", "url": redis_server.url, "shared": True,
+                              "fallbacks": 0, "timeouts": usage["state"]["timeouts"]}
+
+
+async def test_the_stream_slots_of_a_killed_process_expire(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any
+) -> None:
+    upstream = await scripted(named_answer("slow", first_delay=6))
+    config = config_toml(upstream, redis_server, "max_streams = 2", lease_ttl=1)
+    a, b = await serve_process(config), await serve_process(config)
+    held = [asyncio.create_task(post(a.gateway, stream=True)) for _ in range(2)]
+    while len(upstream.requests) < 2:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.5)  # past the lease's time to live: renewed while the streams run
+    status, headers = await post(b.gateway, stream=True)
+    assert status == 429 and headers["Retry-After"] == "1"
+    a.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    await asyncio.gather(*held, return_exceptions=True)
+    while (await post(b.gateway))[0] != 200:
+        assert time.monotonic() - killed < 3, "the dead process's slots were not freed"
+        await asyncio.sleep(0.1)
+
+
+async def gateway_on_redis(redis: RedisServer, upstream: ScriptedServer, **key: Any) -> tuple[Running, Any]:
+    config = parse_config({
+        "providers": {"up": {"url": upstream.url}}, "models": {"m": {"targets": [{"provider": "up"}]}},
+        "keys": {"alice": {"sha256": digest(ALICE), **key}},
+    })
+    operations = Operations(config, store=RedisStore(redis.url))
+    runner = await start(create_app(operations=operations), "127.0.0.1", 0)
+    return Running(f"http://127.0.0.1:{bound_port(runner)}", operations), runner
+
+
+async def test_redis_killed_under_load_fails_no_request_and_comes_back(
+    scripted: Scripted, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="netfly.gateway")
+    upstream = await scripted(named_answer("hi", delay=0.01))
+    gw, runner = await gateway_on_redis(redis_server, upstream, rpm=100000, max_streams=50)
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            statuses.append((await post(gw, stream=True))[0])
+
+    try:
+        clients = [asyncio.create_task(client()) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        redis_server.kill()
+        await asyncio.sleep(0.7)
+        health = (await gw.raw("GET", "/health", None))[2]["state"]
+        metrics = (await gw.raw("GET", "/metrics", None))[2]
+        redis_server.start()
+        deadline = time.monotonic() + 5
+        while not (await gw.raw("GET", "/health", None))[2]["state"]["shared"]:
+            assert time.monotonic() < deadline, "did not reconnect to Redis"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*clients)
+    finally:
+        await runner.cleanup()
+    assert len(statuses) > 50 and set(statuses) == {200}
+    assert health["shared"] is False and health["fallbacks"] == 1
+    assert "netfly_state_shared 0.0" in metrics and "netfly_state_fallbacks_total 1.0" in metrics
+    downs = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(downs) == 1 and "serving with this process's memory" in downs[0]
+    assert any("is back after" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_server: RedisServer) -> None:
+    upstream = await scripted(named_answer("hi"))
+    gw, runner = await gateway_on_redis(redis_server, upstream, rpm=1000)
+    try:
+        assert (await post(gw))[0] == 200
+        sleeper = asyncio.create_task(asyncio.to_thread(redis_server.command, "DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        for _ in range(5):
+            assert (await post(gw, stream=True))[0] == 200
+        assert time.monotonic() - began < 1.0
+        await sleeper
+    finally:
+        await runner.cleanup()
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_workers_share_one_port_a_dead_one_is_replaced_and_sigterm_drains(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any
+) -> None:
+    upstream = await scripted(named_answer("slow", delay=0.3, pieces=4))
+    supervisor = await serve_process(config_toml(upstream, redis_server, "rpm = 1000"), "--workers", "2")
+    first = children(supervisor.process.pid)
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(now := children(supervisor.process.pid)) < 2 or first[0] in now:
+        assert time.monotonic() < deadline, "the dead worker was not replaced"
+        await asyncio.sleep(0.1)
+    await wait_until_serving(supervisor.gateway)
+    streams = [asyncio.create_task(supervisor.gateway.ask("m")) for _ in range(6)]
+    while len(upstream.requests) < 6:
+        await asyncio.sleep(0.02)
+    supervisor.stop(signal.SIGTERM)
+    assert await asyncio.gather(*streams) == ["slow " * 4] * 6  # drained, not cut
+    assert await asyncio.wait_for(supervisor.process.wait(), 15) == 0
+    log = supervisor.log.read_text()
+    assert f"gateway worker {first[0]} exited (killed by SIGKILL); starting a new one" in log
+
+
+async def test_workers_refuse_per_process_limits_without_state(scripted: Scripted, tmp_path: Path) -> None:
+    upstream = await scripted(named_answer("hi"))
+    path = tmp_path / "netfly.toml"
+    path.write_text(f'[providers.up]\nurl = "{upstream.url}"\n[models.m]\ntargets = [{{ provider = "up" }}]\n'
+                    f'[keys.alice]\nsha256 = "{digest(ALICE)}"\nrpm = 30\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(free_port()),
+        "--workers", "2", stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode != 0
+    assert ("--workers 2 without --state: the limits of key(s) alice would count per worker (2 times what they "
+            "say); share them with --state redis://HOST:PORT/DB") in stderr.decode()
+
+
+def two_targets(first: ScriptedServer, second: ScriptedServer, redis: RedisServer, threshold: int) -> str:
+    return (f'[state]\nurl = "{redis.url}"\n\n[providers.first]\nurl = "{first.url}"\nretries = 1\n\n'
+            f'[providers.second]\nurl = "{second.url}"\nretries = 1\n\n[models.m]\nfailure_threshold = {threshold}\n'
+            'cooldown = 30\ntargets = [{ provider = "first" }, { provider = "second" }]\n')
+
+
+async def skipped_elsewhere_within_a_second(a: Process, b: Process, first: ScriptedServer) -> None:
+    assert await a.gateway.ask("m") == "second second "
+    benched = time.monotonic()
+    tried = len(first.requests)
+    await asyncio.sleep(1.0)
+    assert await b.gateway.ask("m") == "second second "
+    assert len(first.requests) == tried, "the other process still tried the benched provider"
+    assert time.monotonic() - benched < 2
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_a_provider_benched_by_one_process_is_skipped_by_the_others(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any, status: int
+) -> None:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "no", "type": "server_error"}}, status=status,
+                                 headers={"Retry-After": "20"} if status == 429 else {})
+
+    first, second = await scripted(*[refuse] * 5), await scripted(named_answer("second"))
+    # 500: the circuit opens at the first failure; 429 + Retry-After: benched though far from the threshold.
+    config = two_targets(first, second, redis_server, threshold=1 if status == 500 else 5)
+    a, b = await serve_process(config), await serve_process(config, "--workers", "2")
+    await skipped_elsewhere_within_a_second(a, b, first)
+    assert await b.gateway.ask("m") == "second second "  # the other worker of b too
+    assert len(first.requests) == 1
