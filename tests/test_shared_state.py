@@ -213,6 +213,28 @@ async def test_workers_share_one_port_a_dead_one_is_replaced_and_sigterm_drains(
     assert f"gateway worker {first[0]} exited (killed by SIGKILL); starting a new one" in log
 
 
+async def test_no_worker_outlives_a_killed_supervisor(
+    scripted: Scripted, redis_server: RedisServer, serve_process: Any
+) -> None:
+    upstream = await scripted(named_answer("hi"))
+    supervisor = await serve_process(
+        config_toml(upstream, redis_server, "rpm = 1000"), "--workers", "2", "--shutdown-grace", "1")
+    workers = children(supervisor.process.pid)
+    assert len(workers) == 2
+    supervisor.stop(signal.SIGKILL)  # no chance to stop them: the closed pipe must
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+        await asyncio.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
 async def test_workers_refuse_per_process_limits_without_state(scripted: Scripted, tmp_path: Path) -> None:
     upstream = await scripted(named_answer("hi"))
     path = tmp_path / "netfly.toml"

@@ -26,7 +26,7 @@ from ..provider import Provider
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
 from .config import operations_from_args, serve_with_metrics
-from .workers import WORKER_FLAG, Supervisor, worker_argv
+from .workers import WORKER_FLAG, Supervisor, watch_supervisor, worker_argv
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
 
@@ -142,6 +142,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if token is None and not operations.keys and not _is_loopback(args.host):
         logger.warning("serving on %s without --auth-token: anyone who can reach it can use the providers",
                        args.host)
+    if args.worker:
+        watch_supervisor()
     try:
         asyncio.run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
                                        shutdown_timeout=args.shutdown_grace, limits=limits, reuse_port=args.worker))

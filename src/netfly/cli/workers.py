@@ -4,14 +4,20 @@ Each worker is an ordinary ``netfly serve`` that binds the port with ``SO_REUSEP
 kernel spreads new connections over them; the supervisor only starts, watches and stops them.
 A worker that dies is replaced; SIGTERM (or Ctrl-C) is passed to every worker, which drains its
 requests for ``--shutdown-grace`` seconds; SIGHUP is passed on (each worker reloads its file).
+
+No worker outlives its supervisor: each one's stdin is a pipe whose other end only the supervisor
+holds, and the kernel closes it however the supervisor ends (SIGKILL included); at end-of-file the
+worker drains and exits as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,7 +81,7 @@ class Supervisor:
                 signal.signal(signum, handler)
 
     def _spawn(self) -> Worker:
-        return Worker(subprocess.Popen(self.command))
+        return Worker(subprocess.Popen(self.command, stdin=subprocess.PIPE))
 
     def _replace_dead(self) -> bool:
         """Start a new worker for each that exited; ``False`` when they keep failing at start."""
@@ -89,6 +95,7 @@ class Supervisor:
                 logger.error("gateway workers exit as soon as they start (exit code %s); stopping", code)
                 return False
             logger.warning("gateway worker %d exited (%s); starting a new one", worker.process.pid, _exit_text(code))
+            _close_pipe(worker.process)
             self.workers[index] = self._spawn()
         return True
 
@@ -114,6 +121,25 @@ class Supervisor:
                 logger.warning("gateway worker %d did not stop in time; killing it", worker.pid)
                 worker.kill()
                 worker.wait()
+            _close_pipe(worker)
+
+
+def _close_pipe(process: subprocess.Popen[bytes]) -> None:
+    if process.stdin is not None:
+        process.stdin.close()
+
+
+def watch_supervisor() -> None:
+    """In a worker: drain and exit (SIGTERM to ourselves) once the supervisor's pipe closes."""
+
+    def wait_for_eof() -> None:
+        # os.read, not sys.stdin: a daemon thread blocked in a buffered reader can abort the
+        # interpreter's shutdown.
+        while os.read(0, 4096):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_for_eof, name="netfly-supervisor-watch", daemon=True).start()
 
 
 def _exit_text(code: int) -> str:
