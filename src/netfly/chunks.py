@@ -23,7 +23,7 @@ from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Us
 from .redact import clip
 from .sse import ServerSentEvent
 
-__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
+__all__ = ["DONE", "READ_END", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
 
 logger = logging.getLogger("netfly")
 
@@ -32,6 +32,8 @@ _QUOTED = 200  # characters of a malformed chunk quoted in a warning or error
 
 # What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
 Item: TypeAlias = "str | list[Event]"
+# The item an attempt yields after the items of each upstream read: no events, only "a read ended".
+READ_END: list[Event] = []
 
 _NOT_EXTRA_TOP = frozenset({"id", "model", "created", "system_fingerprint", "object", "choices", "usage"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})

@@ -93,14 +93,14 @@ class SSEChannel:
                     await self.send(KEEPALIVE_COMMENT)
 
 
-async def relay(channel: SSEChannel, events: AsyncIterator[Event], encoder: StreamEncoder) -> None:
-    """Send every event, then the end; errors before the first byte propagate, later ones are sent
-    in-band by the caller (``channel.started`` tells which)."""
+async def relay(channel: SSEChannel, batches: AsyncIterator[list[Event]], encoder: StreamEncoder) -> None:
+    """Send every batch of events (one upstream read's) in one write, then the end; errors before the
+    first byte propagate, later ones are sent in-band by the caller (``channel.started`` tells which)."""
     encode = encoder.encode
     send = channel.send
     async with channel:
-        async for event in events:
-            data = encode(event)
+        async for batch in batches:
+            data = b"".join(map(encode, batch))
             if data:
                 await send(data)
         await send(encoder.finish())
