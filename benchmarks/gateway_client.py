@@ -84,15 +84,12 @@ class Target:
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:200]!r}")
             rest = b""
-            async for block in response.content.iter_any():
+            async for block in response.content.iter_any():  # to the end, so the connection is reused
                 lines = (rest + block).split(b"\n")
                 rest = lines.pop()
                 for line in lines:
-                    if line.startswith(b"data: "):
-                        data = line[6:]
-                        if data == b"[DONE]":
-                            return
-                        text = pick(json.loads(data))
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        text = pick(json.loads(line[6:]))
                         if text:
                             yield text
 

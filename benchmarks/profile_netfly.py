@@ -30,8 +30,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--stdlib-json", action="store_true", help="hide orjson from netfly")
-    parser.add_argument("--gateway", choices=["single", "concurrent", "requests"], help="profile netfly serve")
+    parser.add_argument("--gateway", choices=["single", "latency", "concurrent", "requests"], help="profile netfly serve")
     parser.add_argument("--api", default="chat", help="the gateway's wire API: chat, responses, messages")
+    parser.add_argument("--all", action="store_true", help="show library frames too (aiohttp, asyncio)")
     args = parser.parse_args()
     if args.stdlib_json:
         sys.modules["orjson"] = None  # type: ignore[assignment]  # makes `import orjson` fail
@@ -52,7 +53,7 @@ def main() -> int:
         if args.gateway:
             profiler = Profiler(interval=0.0002)
             asyncio.run(profile_gateway(profiler, base, args))
-            print(profiler.output_text(unicode=True, color=False))
+            print(profiler.output_text(unicode=True, color=False, show_all=args.all))
             return 0
         client = clients.Netfly()
         expected = payload.expected_text(args.n)
@@ -95,9 +96,9 @@ async def profile_gateway(profiler: Any, upstream: str, args: argparse.Namespace
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    n = {"single": args.n, "concurrent": 500, "requests": 64}[args.gateway]
+    n = {"single": args.n, "latency": 16, "concurrent": 500, "requests": 64}[args.gateway]
     argv = [sys.executable, str(HERE / "gateway_client.py"), args.gateway, "--base", f"http://127.0.0.1:{port}",
-            "--n", str(n), "--api", args.api, "--count", "1000"]
+            "--n", str(n), "--api", args.api, "--count", "1000" if args.gateway == "requests" else "300"]
     for _ in range(args.reps):
         child = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                      stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

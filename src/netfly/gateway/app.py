@@ -307,8 +307,7 @@ class Gateway:
                 logger.exception("unexpected error while relaying %s", request.rel_url.raw_path)
             _note(f"{type(exc).__name__} after the stream started")
             try:
-                await channel.send(encoder.error(describe(exc)))
-                await channel.close()
+                await channel.close(encoder.error(describe(exc)))
             except ConnectionResetError:
                 _note("client disconnected")
         return channel.response or web.Response(status=499)  # 499: the client left before the head
@@ -317,8 +316,10 @@ class Gateway:
         limit = self.max_body_bytes
         too_large = GatewayError(413, f"request body is larger than the limit of {limit} bytes",
                                  code="request_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise too_large
+            return await request.read()  # nearly every client says the length: one read
         body = bytearray()
         async for piece in request.content.iter_chunked(64 * 1024):
             body += piece
