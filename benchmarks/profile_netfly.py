@@ -30,7 +30,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--stdlib-json", action="store_true", help="hide orjson from netfly")
-    parser.add_argument("--gateway", choices=["single", "latency", "concurrent", "requests"], help="profile netfly serve")
+    parser.add_argument("--gateway", choices=["single", "latency", "concurrent", "requests"],
+                        help="profile netfly serve")
     parser.add_argument("--api", default="chat", help="the gateway's wire API: chat, responses, messages")
     parser.add_argument("--all", action="store_true", help="show library frames too (aiohttp, asyncio)")
     args = parser.parse_args()
@@ -86,7 +87,6 @@ def main() -> int:
 async def profile_gateway(profiler: Any, upstream: str, args: argparse.Namespace) -> None:
     """The gateway app here, under ``profiler``; the client in its own process, ``args.reps`` runs."""
     from aiohttp import web
-
     from run import free_port
 
     from netfly.gateway import create_app

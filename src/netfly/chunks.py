@@ -288,7 +288,7 @@ def _json_string(value: str) -> str | None:
         return None
     inner = value[1:-1]
     if "\\" not in inner:
-        return None if '"' in inner or not inner.isprintable() and _has_control(inner) else inner
+        return None if '"' in inner or (not inner.isprintable() and _has_control(inner)) else inner
     try:
         decoded = _json.loads(value)
     except _json.JSONDecodeError:

@@ -169,7 +169,7 @@ class ChatStream:
         batch: list[Event] = []
         try:
             async for item in self._items:
-                if type(item) is str:
+                if isinstance(item, str):
                     self._note_text(item)
                     batch.append(ChoiceDelta(text=item))
                 elif item:
