@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -40,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import payload
-from run import HERE, RESULTS, background, free_port
+from gateway_config import cpu_seconds
+from run import HERE, RESULTS, background, free_port, versions
 
 NETFLY_KEY = "nf-bench-key-0"
 LITELLM_KEY = "sk-netfly-bench-0123456789abcdef0123456789"  # LiteLLM refuses to start without a master key
@@ -144,11 +144,6 @@ def targets_for(names: list[str], upstream: str, started: dict[str, tuple[str, i
 
 
 # -- one measurement -----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -319,16 +314,6 @@ def run_all(targets: list[Target], p: dict[str, Any], modes: list[str]) -> dict[
     return summary
 
 
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -348,7 +333,7 @@ def main() -> int:
                               "started": started.isoformat(timespec="seconds"), "parameters": p,
                               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                           "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
-                              "versions": versions(), "skipped": {}}
+                              "versions": versions(PACKAGES), "skipped": {}}
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     prebuild = f"{p['n']},{p['sc']},{p['ln']},{p['rn']}"
