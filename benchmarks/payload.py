@@ -66,6 +66,19 @@ def body(n: int) -> bytes:
 
 
 @lru_cache(maxsize=8)
+def completion(n: int) -> bytes:
+    """The same answer not streamed: one ``chat.completion`` object (for ``stream: false``)."""
+    obj = {
+        "id": _ID, "object": "chat.completion", "created": _CREATED, "model": MODEL, "service_tier": "default",
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": expected_text(n), "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n},
+    }
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@lru_cache(maxsize=8)
 def slices(n: int) -> tuple[bytes, ...]:
     """The body cut into ~16 KiB writes, each cut moved (by < 512 bytes) into a multi-byte character.
 

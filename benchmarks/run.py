@@ -263,9 +263,9 @@ def gateway_available() -> bool:
     return subprocess.run(probe, capture_output=True, timeout=60, check=False).returncode == 0
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -2,7 +2,8 @@
 
 Run in its own process (``python benchmarks/server.py --port P``) so the client's CPU is measured
 alone. Any POST is answered with the event stream of ``max_tokens`` (or ``max_completion_tokens``)
-content chunks, written in the ~16 KiB slices of :func:`payload.slices`.
+content chunks, written in the ~16 KiB slices of :func:`payload.slices`; without ``"stream": true``,
+with the same answer as one ``chat.completion`` object.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from aiohttp import web
 async def stream(request: web.Request) -> web.StreamResponse:
     body = json.loads(await request.read())
     n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+    if not body.get("stream"):
+        return web.Response(body=payload.completion(n), content_type="application/json")
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     )

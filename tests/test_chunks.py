@@ -108,6 +108,37 @@ def test_plain_text_chunks_come_as_str_and_a_change_of_chunk_fields_as_an_event(
     assert interpreter.interpret(event({**chunk("e"), "service_tier": "flex", "system_fingerprint": "fp"})) == "e"
 
 
+@pytest.mark.parametrize("text", ["plain", 'a "quoted" \\ path\\', "tab\there", "é🌲\u2028", "", "\\"])
+def test_a_chunk_like_the_last_but_its_text_gives_that_text(text: str) -> None:
+    interpreter = ChunkInterpreter()
+    for first in ("a", "b"):  # the second one shows the shape of a plain text chunk
+        interpreter.interpret(event(chunk(first)))
+    for raw in (json.dumps(chunk(text)), json.dumps(chunk(text), ensure_ascii=False)):
+        assert interpreter.interpret(event(raw)) == (text or None)
+
+
+@pytest.mark.parametrize("middle", ['"x","extra":"y"', '"x"]', "null", '"raw\u0001"'.replace("\\u0001", "\x01")])
+def test_a_chunk_whose_middle_is_not_one_string_is_read_in_full(middle: str) -> None:
+    interpreter = ChunkInterpreter()
+    for first in ("a", "b"):
+        interpreter.interpret(event(chunk(first)))
+    before, _, after = json.dumps(chunk("b")).partition('"b"')
+    item = interpreter.interpret(event(before + middle + after))
+    if middle == '"x","extra":"y"':
+        assert item == [ChoiceDelta(text="x", delta_extra={"extra": "y"})]
+    else:  # null content is no text; the others are not JSON
+        assert item is None and interpreter.malformed_chunks == (middle != "null")
+
+
+def test_chunk_fields_that_change_back_are_an_event_again() -> None:
+    interpreter = ChunkInterpreter()
+    for first in ("a", "b"):
+        interpreter.interpret(event(chunk(first)))
+    interpreter.interpret(event({**chunk("c"), "system_fingerprint": "fp"}))
+    assert interpreter.interpret(event(chunk("d")))[0] == ChunkMeta(  # type: ignore[index]
+        id="chatcmpl-1", model="test-model", created=1)
+
+
 def test_usage_only_chunk_yields_nothing_but_its_usage_is_kept() -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     stream = sse(chunk("Hi"), chunk(finish="stop"), chunk(choices=False, usage=usage))

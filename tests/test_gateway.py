@@ -109,7 +109,26 @@ async def test_async_non_stream_returns_one_completion_with_usage(scripted: Scri
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.total_tokens == 13
     assert completion.usage.prompt_tokens == 9 and completion.usage.completion_tokens == 4
-    assert upstream.requests[0]["temperature"] == 0 and upstream.requests[0]["stream"] is True
+    # The client wants the whole answer: the upstream is asked for it whole (it may stream anyway).
+    assert upstream.requests[0]["temperature"] == 0 and upstream.requests[0]["stream"] is False
+    assert "stream_options" not in upstream.requests[0]
+
+
+async def test_non_stream_relays_a_whole_upstream_answer(scripted: Scripted, gateway: Any) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    whole = {"id": "chatcmpl-up", "object": "chat.completion", "created": 7, "model": "tiny-1",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+                          "logprobs": None, "finish_reason": "tool_calls"}], "usage": USAGE}
+    upstream = await scripted(replying(json.dumps(whole).encode(), content_type="application/json"))
+    gw = await gateway(upstream.provider(OpenAICompatible))
+    async with gw.client() as client:
+        completion = await client.chat.completions.create(model="tiny-1", messages=MESSAGES)
+    message = completion.choices[0].message
+    assert (completion.id, message.content, completion.choices[0].finish_reason) == ("chatcmpl-up", "Checking.",
+                                                                                      "tool_calls")
+    assert message.tool_calls is not None and message.tool_calls[0].function.arguments == '{"city":"Oslo"}'
+    assert completion.usage is not None and completion.usage.total_tokens == 13
+    assert upstream.requests[0]["stream"] is False
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk(scripted: Scripted, gateway: Any) -> None:

@@ -166,3 +166,17 @@ def test_chat_chunks_keep_unknown_fields_and_null_content() -> None:
     assert chunk["service_tier"] == "default" and chunk["id"] == "c1"
     assert chunk["choices"][0] == {"index": 0, "delta": {"audio": None, "content": "hi"}, "logprobs": None,
                                    "finish_reason": None, "stop_reason": 7}
+
+
+def test_responses_text_after_reasoning_again_continues_one_new_message_item() -> None:
+    events: list[Event] = [*TEXT[:5], ChoiceDelta(reasoning="More."), ChoiceDelta(text="A"), ChoiceDelta(text="B"),
+                           ChoiceDelta(text="C"), ChoiceDelta(finish_reason="stop")]
+    stream = encode(responses_encoder(), events).decode()
+    added = [json.loads(line[6:]) for line in stream.splitlines()
+             if line.startswith("data: ") and '"response.output_item.added"' in line]
+    assert [event["item"]["type"] for event in added] == ["reasoning", "message", "reasoning", "message"]
+    deltas = [json.loads(line[6:]) for line in stream.splitlines() if '"response.output_text.delta"' in line]
+    assert [(d["delta"], d["output_index"]) for d in deltas] == [("Hello", 1), (", world", 1), ("A", 3), ("B", 3),
+                                                                ("C", 3)]
+    numbers = [json.loads(line[6:])["sequence_number"] for line in stream.splitlines() if line.startswith("data: ")]
+    assert numbers == list(range(len(numbers)))

@@ -19,6 +19,7 @@ from netfly import (
     RetryProvider,
     SSEDecoder,
     StreamInterruptedError,
+    UpstreamError,
 )
 from netfly.chunks import as_events
 from netfly.events import ChatAccumulator, ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCall, ToolCallDelta, Usage
@@ -358,3 +359,31 @@ async def test_a_routed_cut_inside_a_tool_call_is_not_sent_to_another_provider(s
         await router.complete(None, MESSAGES)
     assert caught.value.partial_result.tool_calls == [ToolCall(id="call_a", name="f", arguments='{"x')]
     assert good.requests == []
+
+
+# -- batches: the events of each upstream read together -------------------------------------------------
+
+
+async def test_event_batches_are_the_events_grouped_by_upstream_read(scripted: Start) -> None:
+    reads = [sse(*EVERY_KIND[:4], done=False), sse(*EVERY_KIND[4:])]
+
+    async def two_reads(request: web.Request) -> web.StreamResponse:
+        return await stream_bytes(request, *reads, delay=0.05)  # the pause keeps the two reads apart
+
+    server = await scripted(two_reads, two_reads)
+    expected, _ = await events_and_result(server.provider(OpenAICompatible), n=2)
+    stream = server.provider(OpenAICompatible).stream("", MESSAGES, n=2)
+    batches = [batch async for batch in stream.event_batches()]
+    assert [event for batch in batches for event in batch] == expected
+    assert len(batches) == 2 and batches[0] == decode([reads[0]])
+    assert stream.result is not None and stream.result.text == "Hello"
+
+
+async def test_event_batches_deliver_the_text_before_an_error_in_the_same_read(scripted: Start) -> None:
+    body = sse(chunk(choice(content="Hel")), chunk(choice(content="lo")), {"error": {"message": "overloaded"}})
+    server = await scripted(served(body))
+    got: list[Event] = []
+    with pytest.raises(UpstreamError, match="overloaded"):
+        async for batch in server.provider(OpenAICompatible).stream("", MESSAGES).event_batches():
+            got += batch
+    assert [e.text for e in got if isinstance(e, ChoiceDelta)] == ["Hel", "lo"]

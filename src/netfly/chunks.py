@@ -23,7 +23,7 @@ from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Us
 from .redact import clip
 from .sse import ServerSentEvent
 
-__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
+__all__ = ["DONE", "READ_END", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
 
 logger = logging.getLogger("netfly")
 
@@ -32,6 +32,8 @@ _QUOTED = 200  # characters of a malformed chunk quoted in a warning or error
 
 # What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
 Item: TypeAlias = "str | list[Event]"
+# The item an attempt yields after the items of each upstream read: no events, only "a read ended".
+READ_END: list[Event] = []
 
 _NOT_EXTRA_TOP = frozenset({"id", "model", "created", "system_fingerprint", "object", "choices", "usage"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
@@ -48,7 +50,8 @@ def as_events(item: Item) -> list[Event]:
 class ChunkInterpreter:
     """Turns events of one attempt into text or typed events; keeps what is needed across chunks."""
 
-    __slots__ = ("strict", "secrets", "done", "finished", "malformed_chunks", "_top", "_meta", "_plain_choice")
+    __slots__ = ("strict", "secrets", "done", "finished", "malformed_chunks", "_top", "_meta", "_plain_choice",
+                 "_around")
 
     def __init__(self, *, strict: bool = False, secrets: tuple[str, ...] = ()) -> None:
         self.strict = strict
@@ -59,6 +62,9 @@ class ChunkInterpreter:
         self._top: dict[str, Any] | None = None  # the last chunk's fields besides choices (no usage)
         self._meta: dict[str, Any] | None = None  # the fields of the last ChunkMeta emitted
         self._plain_choice: dict[str, Any] | None = None  # a plain text choice's fields besides delta
+        # The text of the last fast-path chunk, as sent, around its content string: a chunk that is
+        # the same text around another JSON string is the same chunk with other text (no parsing).
+        self._around: tuple[str, str] | None = None
 
     def interpret(self, event: ServerSentEvent) -> Item | None:
         """The text or events this server-sent event carries; ``None`` when it carries none."""
@@ -70,6 +76,11 @@ class ChunkInterpreter:
             return None
         if not data:
             return None
+        around = self._around
+        if around is not None and data.startswith(around[0]) and data.endswith(around[1]):
+            text = _json_string(data[len(around[0]) : len(data) - len(around[1])])
+            if text is not None:
+                return text or None
         try:
             chunk = _json.loads(data)
         except _json.JSONDecodeError as exc:
@@ -78,7 +89,10 @@ class ChunkInterpreter:
         if type(chunk) is not dict:
             self._malformed("event data is JSON but not an object", data)
             return None
-        return self.interpret_chunk(chunk)
+        item = self.interpret_chunk(chunk)
+        if type(item) is str and around is None:
+            self._around = _around_content(data)
+        return item
 
     def interpret_chunk(self, chunk: dict[str, Any]) -> Item | None:
         """Apply one parsed ``chat.completion.chunk`` object (it is modified: ``choices`` is taken out)."""
@@ -97,6 +111,7 @@ class ChunkInterpreter:
         return self._interpret_slowly(chunk, choices)
 
     def _interpret_slowly(self, chunk: dict[str, Any], choices: Any) -> list[Event] | None:
+        self._around = None  # what the fast path compares with may change here: learn it again
         if chunk.get("error"):
             raise _upstream_error(chunk)
         deltas: list[Event] = []
@@ -244,6 +259,46 @@ def _tool_call_deltas(calls: Any) -> tuple[ToolCallDelta, ...] | None:
             fragment.extra = {k: v for k, v in call.items() if k not in _CALL_KEYS}
         fragments.append(fragment)
     return tuple(fragments)
+
+
+def _around_content(data: str) -> tuple[str, str] | None:
+    """The text before and after the one ``"content":`` string value in ``data`` (a chunk as sent)."""
+    key = data.find('"content":')
+    if key < 0 or data.find('"content":', key + 1) >= 0:
+        return None  # none, or one more (in logprobs...): not a plain text chunk's shape
+    start = key + len('"content":')
+    while data[start : start + 1] == " ":
+        start += 1
+    if data[start : start + 1] != '"':
+        return None
+    end = start + 1
+    while True:  # the closing quote: the first one not escaped by an odd number of backslashes
+        end = data.find('"', end)
+        if end < 0:
+            return None
+        backslashes = len(data[start + 1 : end]) - len(data[start + 1 : end].rstrip("\\"))
+        if backslashes % 2 == 0:
+            return data[:start], data[end + 1 :]
+        end += 1
+
+
+def _json_string(value: str) -> str | None:
+    """``value`` decoded when it is exactly one JSON string, else ``None``."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return None
+    inner = value[1:-1]
+    if "\\" not in inner:
+        return None if '"' in inner or (not inner.isprintable() and _has_control(inner)) else inner
+    try:
+        decoded = _json.loads(value)
+    except _json.JSONDecodeError:
+        return None
+    return decoded if type(decoded) is str else None
+
+
+def _has_control(text: str) -> bool:
+    """Whether ``text`` has a character JSON requires escaped inside a string (below U+0020)."""
+    return any(ch < " " for ch in text)
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _json
-from .chunks import ChunkInterpreter, Item
+from .chunks import READ_END, ChunkInterpreter, Item
 from .errors import (
     LocalServerError,
     NetflyError,
@@ -155,6 +155,35 @@ class ChatStream:
                     self._note_events(item)
                     for event in item:
                         yield event
+        finally:
+            await self.aclose()
+
+    async def event_batches(self) -> AsyncGenerator[list[Event], None]:
+        """:meth:`events` grouped by upstream read: all the events one read completed, in one list.
+
+        A relay that writes each list at once sends as soon as :meth:`events` would, in far fewer writes.
+        """
+        if self._events_mode or self._started:
+            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
+        self._events_mode = True
+        batch: list[Event] = []
+        try:
+            async for item in self._items:
+                if isinstance(item, str):
+                    self._note_text(item)
+                    batch.append(ChoiceDelta(text=item))
+                elif item:
+                    self._note_events(item)
+                    batch += item
+                elif batch:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        except Exception:
+            if batch:  # what came before the error is still delivered, then the error
+                yield batch
+            raise
         finally:
             await self.aclose()
 
@@ -331,6 +360,7 @@ class ChatStream:
                         yield item
                     elif interpreter.done:
                         break
+                yield READ_END  # this read's items are all out: a relay may write them at once
                 if interpreter.done:
                     break
             else:

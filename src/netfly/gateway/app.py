@@ -274,27 +274,29 @@ class Gateway:
         # with a parameter name such as ``cls``).
         max_tokens = call.params.get("max_completion_tokens", call.params.get("max_tokens"))
         await self.operations.admit(request, route.public_id, call.messages, max_tokens)
-        stream = route.provider.stream(route.model, call.messages, extra_body=call.params, **self.call_options)
+        # A client that wants the whole answer gets it from a whole upstream answer: one JSON body
+        # to read instead of a stream to re-assemble.
+        params = call.params if call.stream else {**call.params, "stream": False}
+        stream = route.provider.stream(route.model, call.messages, extra_body=params, **self.call_options)
         pages.watch(request, self.status, stream)
         self.operations.watch(request, stream)
         try:
             async with stream:
-                events = stream.events()
                 if call.stream:
-                    return await self._relay(request, events, encoder)
+                    return await self._relay(request, stream.event_batches(), encoder)
                 accumulator = ChatAccumulator()
-                async for event in events:
+                async for event in stream.events():
                     accumulator.add(event)
                 return web.json_response(whole(accumulator.result()), dumps=_dumps)
         finally:
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
 
-    async def _relay(self, request: web.Request, events: AsyncIterator[Event], encoder: StreamEncoder
+    async def _relay(self, request: web.Request, batches: AsyncIterator[list[Event]], encoder: StreamEncoder
                      ) -> web.StreamResponse:
         channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
-            await relay(channel, events, encoder)
+            await relay(channel, batches, encoder)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream stream (``async with`` in the caller).
             _note("client disconnected")
@@ -305,8 +307,7 @@ class Gateway:
                 logger.exception("unexpected error while relaying %s", request.rel_url.raw_path)
             _note(f"{type(exc).__name__} after the stream started")
             try:
-                await channel.send(encoder.error(describe(exc)))
-                await channel.close()
+                await channel.close(encoder.error(describe(exc)))
             except ConnectionResetError:
                 _note("client disconnected")
         return channel.response or web.Response(status=499)  # 499: the client left before the head
@@ -315,8 +316,10 @@ class Gateway:
         limit = self.max_body_bytes
         too_large = GatewayError(413, f"request body is larger than the limit of {limit} bytes",
                                  code="request_too_large")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise too_large
+            return await request.read()  # nearly every client says the length: one read
         body = bytearray()
         async for piece in request.content.iter_chunked(64 * 1024):
             body += piece

@@ -32,7 +32,8 @@ class ChatChunkEncoder:
         self.meta = ChunkMeta(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()))
         self._usage_sent = False
         self._head: dict[str, Any] = {}
-        self._text_prefix = self._text_suffix = b""
+        self._text_prefix: bytes | None = None  # built when the first text chunk is encoded
+        self._text_suffix = b""
         self._set_meta(self.meta)
 
     def _set_meta(self, meta: ChunkMeta) -> None:
@@ -41,11 +42,15 @@ class ChatChunkEncoder:
         if meta.system_fingerprint is not None:
             head["system_fingerprint"] = meta.system_fingerprint
         self._head = head
-        sample = _json.dumps({**head, "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
-                                                   "finish_reason": None}], **self._null_usage()})
-        self._text_prefix, _, self._text_suffix = sample.partition(b'"content":""')
-        self._text_prefix = b"data: " + self._text_prefix + b'"content":'
-        self._text_suffix += b"\n\n"
+        self._text_prefix = None
+
+    def _text_template(self) -> bytes:
+        """The bytes before a chunk's text when it carries choice 0's text alone (and sets those after)."""
+        sample = _json.dumps({**self._head, "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
+                                                         "finish_reason": None}], **self._null_usage()})
+        prefix, _, suffix = sample.partition(b'"content":""')
+        self._text_prefix, self._text_suffix = b"data: " + prefix + b'"content":', suffix + b"\n\n"
+        return self._text_prefix
 
     def _null_usage(self) -> dict[str, Any]:
         return {"usage": None} if self.include_usage else {}  # as OpenAI: null on every chunk but the last
@@ -54,7 +59,8 @@ class ChatChunkEncoder:
         """The bytes that relay ``event`` (empty for a meta event: it shapes the chunks that follow)."""
         if isinstance(event, ChoiceDelta):
             if event.index == 0 and event.text and _text_only(event):
-                return self._text_prefix + _json.dumps(event.text) + self._text_suffix
+                prefix = self._text_prefix or self._text_template()
+                return prefix + _json.dumps(event.text) + self._text_suffix
             return self._chunk([choice_delta(event)])
         if isinstance(event, Usage):
             if not self.include_usage:

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -143,8 +143,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._partial = False  # bytes of a head not yet complete have arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, but not always an asyncio.Transport subclass (uvloop's is not).
+        self._transport = transport = cast(asyncio.Transport, transport)
         self._guard._opened(transport, self)
         self._start_head_timer()
         self._inner.connection_made(transport)

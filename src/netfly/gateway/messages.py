@@ -190,6 +190,9 @@ def _arguments(arguments: str) -> Any:
 # -- the event stream ---------------------------------------------------------------------------
 
 
+_TEXT_BLOCK = ("text", -1)
+
+
 class MessagesEncoder:
     """Chat events → Anthropic server-sent events; one content block open at a time."""
 
@@ -198,6 +201,7 @@ class MessagesEncoder:
         self.accumulator = ChatAccumulator()
         self.blocks: list[tuple[str, int]] = []  # (kind, tool-call index) of each block
         self.open: int | None = None
+        self._text_prefix = (-1, b"")  # (block index, the bytes before a text delta's JSON string)
 
     @staticmethod
     def _event(kind: str, obj: dict[str, Any]) -> bytes:
@@ -210,6 +214,9 @@ class MessagesEncoder:
         self.accumulator.add(event)
         if not isinstance(event, ChoiceDelta) or event.index != 0:
             return b""
+        if event.text and self.open is not None and not (event.reasoning or event.refusal or event.tool_calls) \
+                and self.blocks[self.open] == _TEXT_BLOCK:
+            return self._text_delta(self.open, event.text)  # nearly every event: more text of the open block
         out = b""
         if event.reasoning:
             out += self._delta("thinking", -1, {"type": "thinking_delta", "thinking": event.reasoning})
@@ -223,6 +230,13 @@ class MessagesEncoder:
                 out += self._event("content_block_delta", {"index": start[0], "delta": {
                     "type": "input_json_delta", "partial_json": call.arguments}})
         return out
+
+    def _text_delta(self, index: int, text: str) -> bytes:
+        """``_delta("text", ...)`` of an open text block, from prebuilt bytes: one string encoding."""
+        if self._text_prefix[0] != index:
+            head = self._event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": ""}})
+            self._text_prefix = (index, head[: head.rindex(b'""')])
+        return self._text_prefix[1] + _json.dumps(text) + b"}}\n\n"
 
     def _delta(self, kind: str, call: int, delta: dict[str, Any]) -> bytes:
         index, out = self._block(kind, call, None, None)

@@ -36,6 +36,11 @@ class StreamEncoder(Protocol):
     def error(self, info: ErrorInfo) -> bytes: ...
 
 
+class _EventStreamResponse(web.StreamResponse):
+    # The head goes out with the first bytes of the body, in one write (aiohttp's plain responses do so).
+    _send_headers_immediately = False
+
+
 class SSEChannel:
     """The streamed response of one request, opened by its first write."""
 
@@ -63,15 +68,21 @@ class SSEChannel:
 
     async def _open(self) -> web.StreamResponse:
         self._opening = True
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = _EventStreamResponse(headers=SSE_HEADERS)
         await response.prepare(self.request)
         self.response = response
         self._opening = False
         return response
 
-    async def close(self) -> None:
-        if self.response is not None:
-            await self.response.write_eof()
+    async def close(self, data: bytes = b"") -> None:
+        """End the body, sending ``data`` last (in the same write once the head is out)."""
+        if self.response is None:
+            if not data:
+                return
+            await self.send(data)
+            data = b""
+        assert self.response is not None
+        await self.response.write_eof(data)
 
     async def __aenter__(self) -> SSEChannel:
         if self._keepalive:
@@ -93,15 +104,14 @@ class SSEChannel:
                     await self.send(KEEPALIVE_COMMENT)
 
 
-async def relay(channel: SSEChannel, events: AsyncIterator[Event], encoder: StreamEncoder) -> None:
-    """Send every event, then the end; errors before the first byte propagate, later ones are sent
-    in-band by the caller (``channel.started`` tells which)."""
+async def relay(channel: SSEChannel, batches: AsyncIterator[list[Event]], encoder: StreamEncoder) -> None:
+    """Send every batch of events (one upstream read's) in one write, then the end; errors before the
+    first byte propagate, later ones are sent in-band by the caller (``channel.started`` tells which)."""
     encode = encoder.encode
     send = channel.send
     async with channel:
-        async for event in events:
-            data = encode(event)
+        async for batch in batches:
+            data = b"".join(map(encode, batch))
             if data:
                 await send(data)
-        await send(encoder.finish())
-    await channel.close()
+    await channel.close(encoder.finish())

@@ -240,6 +240,10 @@ def text_part(text: str) -> dict[str, Any]:
 # -- the event stream ---------------------------------------------------------------------------
 
 
+_TEXT_HEAD = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+_TEXT_TAIL = b',"logprobs":[]}\n\n'
+
+
 class ResponsesEncoder:
     """Chat events → Responses server-sent events (``event: type`` + ``data: {...}``)."""
 
@@ -250,6 +254,9 @@ class ResponsesEncoder:
         self.items: list[tuple[str, int]] = []  # (kind, tool-call index) in output order
         self.open: set[int] = set()  # output indexes not yet done
         self.part_open = {"reasoning": False, "text": False, "refusal": False}
+        # Set by a text delta, cleared by any other event: the bytes around the sequence number and the
+        # text of the next text delta while nothing else happens (so nothing opens or closes).
+        self._text_template: tuple[bytes, bytes] | None = None
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = _json.dumps({"type": kind, "sequence_number": self.sequence, **fields})
@@ -265,6 +272,12 @@ class ResponsesEncoder:
         self.accumulator.add(event)
         if not isinstance(event, ChoiceDelta) or event.index != 0:
             return b""  # usage and meta go into the final object; the Responses API has one choice
+        template, self._text_template = self._text_template, None
+        if template is not None and event.text and not (event.reasoning or event.refusal or event.tool_calls):
+            self._text_template = template  # nearly every event: more text of the open text part
+            self.sequence += 1
+            return template[0] + str(self.sequence - 1).encode() + template[1] + _json.dumps(event.text) + \
+                _TEXT_TAIL
         out = b""
         if event.reasoning:
             out += self._reasoning(event.reasoning)
@@ -274,13 +287,16 @@ class ResponsesEncoder:
             out += self._message_delta("refusal", event.refusal)
         for call in event.tool_calls:
             out += self._call_delta(call.index, call.arguments)
+        if event.refusal or event.tool_calls:
+            self._text_template = None  # the text delta was not the last thing that happened
         return out
 
     def _output_index(self, kind: str, call: int = -1) -> tuple[int, bytes]:
         """The index of the output item of ``kind`` (opening it, and closing a finished one, first)."""
         key = (kind, call)
-        if key in self.items and self.items.index(key) in self.open:
-            return self.items.index(key), b""
+        for index in self.open:  # the open item of that kind (not the first one ever: it may be closed)
+            if self.items[index] == key:
+                return index, b""
         out = b""
         if kind != "function_call":
             for index in sorted(self.open):  # reasoning and message are one run each: close the other
@@ -311,7 +327,10 @@ class ResponsesEncoder:
             part = text_part("") if kind == "text" else {"type": "refusal", "refusal": ""}
             out += self._event("response.content_part.added", **ids, part=part)
         if kind == "text":
-            return out + self._event("response.output_text.delta", **ids, delta=text, logprobs=[])
+            out += self._event("response.output_text.delta", **ids, delta=text, logprobs=[])
+            self._text_template = (_TEXT_HEAD, b',"item_id":' + _json.dumps(ids["item_id"]) +
+                                   f',"output_index":{index},"content_index":{content_index},"delta":'.encode())
+            return out
         return out + self._event("response.refusal.delta", **ids, delta=text)
 
     def _call_delta(self, call: int, arguments: str | None) -> bytes:
