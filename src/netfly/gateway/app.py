@@ -367,12 +367,7 @@ def create_app(
         cors_origins = server.cors_origins if cors_origins is None else cors_origins
     if max_body_bytes is None:
         max_body_bytes = server.max_body_bytes if server else DEFAULT_MAX_BODY_BYTES
-    if auth_token is not None and operations.keys:
-        raise ConfigurationError("auth_token and [keys] exclude each other: clients present one of the keys")
-    if auth_token is not None and not auth_token.strip():
-        raise ConfigurationError("auth_token must not be empty (pass None for no authentication)")
-    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
-        raise ConfigurationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+    _check_access(auth_token, operations, max_body_bytes)
     gateway = Gateway(
         _router(provider, providers, operations),
         auth_token=auth_token,
@@ -392,6 +387,27 @@ def create_app(
                        metrics_route=server is None or (server.metrics and server.metrics_port is None))
     app[GATEWAY] = gateway
     app.on_response_prepare.append(gateway.on_prepare)
+    _add_api_routes(app, gateway)
+    pages.install(app, gateway)
+    app.on_cleanup.append(_close_connections)
+    return app
+
+
+GATEWAY = web.AppKey("netfly.gateway", Gateway)
+
+
+def _check_access(auth_token: str | None, operations: Operations, max_body_bytes: object) -> None:
+    # Checked at start-up: a bad setting must not turn into an error on every request.
+    if auth_token is not None and operations.keys:
+        raise ConfigurationError("auth_token and [keys] exclude each other: clients present one of the keys")
+    if auth_token is not None and not auth_token.strip():
+        raise ConfigurationError("auth_token must not be empty (pass None for no authentication)")
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
+        raise ConfigurationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+
+
+def _add_api_routes(app: web.Application, gateway: Gateway) -> None:
+    """One route per wire API; each handler is an adapter over the same stream of events."""
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_get("/v1/models/{model:.+}", gateway.get_model)
@@ -400,12 +416,6 @@ def create_app(
     app.router.add_post("/v1/messages", gateway.messages)
     app.router.add_post("/v1/messages/count_tokens", gateway.count_tokens)
     app.router.add_post("/v1/embeddings", gateway.embeddings)
-    pages.install(app, gateway)
-    app.on_cleanup.append(_close_connections)
-    return app
-
-
-GATEWAY = web.AppKey("netfly.gateway", Gateway)
 
 
 def _router(
