@@ -194,24 +194,9 @@ class Provider:
         body.update(options.get("extra_body") or {})
         payload = _serialise(body)
 
-        headers = cls.default_headers()
-        _override_headers(headers, cls.headers)
-        call_headers = options.get("headers")
-        if call_headers is not None:
-            _override_headers(headers, {str(k): str(v) for k, v in call_headers.items()})
         api_key = cls.resolve_api_key(options.get("api_key"))
-        if api_key:
-            _override_headers(headers, {"authorization": f"Bearer {api_key}"})
-        elif cls.needs_auth:
-            where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
-            raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}", param="api_key")
-
-        parsed_proxy = None
-        if proxy:
-            if not isinstance(proxy, str):
-                raise ConfigurationError(f"proxy must be a URL string, got {type(proxy).__name__}", param="proxy")
-            parsed_proxy = Proxy.parse(proxy)
-
+        headers = cls._request_headers(options.get("headers"), api_key)
+        parsed_proxy = _parse_proxy(proxy)
         return ChatRequest(
             provider=cls.name(),
             url=url,
@@ -227,6 +212,20 @@ class Provider:
             payload=payload,
             secret_headers=frozenset(n.lower() for n in cls.secret_headers),
         )
+
+    @classmethod
+    def _request_headers(cls, call_headers: Mapping[str, Any] | None, api_key: str | None) -> dict[str, str]:
+        """Defaults, then the class's ``headers``, then the call's, then the key's ``authorization``."""
+        headers = cls.default_headers()
+        _override_headers(headers, cls.headers)
+        if call_headers is not None:
+            _override_headers(headers, {str(k): str(v) for k, v in call_headers.items()})
+        if api_key:
+            _override_headers(headers, {"authorization": f"Bearer {api_key}"})
+        elif cls.needs_auth:
+            where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
+            raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}", param="api_key")
+        return headers
 
     # -- calling -------------------------------------------------------------------------------
 
@@ -322,6 +321,14 @@ def _secrets(
     passwords of the URL and of the proxy."""
     found = (api_key, *header_secrets(headers, secret_names), *url_secrets(url), proxy.password if proxy else None)
     return tuple(dict.fromkeys(s for s in found if s))
+
+
+def _parse_proxy(proxy: Any) -> Proxy | None:
+    if not proxy:
+        return None
+    if not isinstance(proxy, str):
+        raise ConfigurationError(f"proxy must be a URL string, got {type(proxy).__name__}", param="proxy")
+    return Proxy.parse(proxy)
 
 
 def _override_headers(headers: dict[str, str], overrides: Mapping[str, str]) -> None:
