@@ -23,7 +23,7 @@ from aiohttp import web
 from .. import _checks, _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
-from ..events import ChatAccumulator, ChatResult, Event
+from ..events import ChatResult, Event
 from ..health import engine_state
 from ..provider import Provider
 from ..providers import get_provider
@@ -284,10 +284,10 @@ class Gateway:
             async with stream:
                 if call.stream:
                     return await self._relay(request, stream.event_batches(), encoder)
-                accumulator = ChatAccumulator()
-                async for event in stream.events():
-                    accumulator.add(event)
-                return web.json_response(whole(accumulator.result()), dumps=_dumps)
+                async for _ in stream.events():
+                    pass  # the stream assembles its own result
+                assert stream.result is not None
+                return web.json_response(whole(stream.result), dumps=_dumps)
         finally:
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
