@@ -50,6 +50,40 @@ def test_a_decoder_reused_after_an_oversized_event_counts_from_zero() -> None:
     assert decoder.feed(b"data: 12345678\n\n") == [ServerSentEvent("12345678", "message")]
 
 
+def test_a_bom_is_skipped_only_at_the_very_start_of_the_stream() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"\n") == []
+    # Not the first bytes any more: the BOM is part of a field name, which is ignored.
+    assert decoder.feed(b"\xef\xbb\xbfdata: x\n\n") == []
+
+
+def test_an_over_long_line_is_rejected_even_in_the_first_bytes() -> None:
+    with pytest.raises(StreamDecodeError, match=r"^event-stream line longer than 1 bytes \(max_line_bytes\)$"):
+        SSEDecoder(max_line_bytes=1).feed(b"ab")
+
+
+def test_an_unfinished_line_of_exactly_the_limit_is_kept() -> None:
+    decoder = SSEDecoder(max_line_bytes=8)
+    assert decoder.feed(b"data: 12\ndata: 34") == []
+    assert decoder.feed(b"\n\n") == [ServerSentEvent("12\n34", "message")]
+
+
+def test_an_unterminated_last_event_of_exactly_the_limit_is_delivered_at_flush() -> None:
+    decoder = SSEDecoder(max_event_bytes=8)
+    assert decoder.feed(b"data: 12345678") == []
+    assert decoder.flush() == [ServerSentEvent("12345678", "message")]
+
+
+def test_a_decoder_reused_after_flush_starts_afresh() -> None:
+    decoder = SSEDecoder(max_event_bytes=8)
+    decoder.feed(b"data: a\n")
+    assert decoder.flush() == [ServerSentEvent("a", "message")]
+    decoder.feed(b"data: b")
+    assert decoder.flush() == [ServerSentEvent("b", "message")]
+    # Nothing is left over: the next event may use the whole limit.
+    assert decoder.feed(b"data: 12345678\n\n") == [ServerSentEvent("12345678", "message")]
+
+
 # -- chunks -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ whose run exceeds the timeout counts as killed (it hangs) and its worker is repl
 
     python tools/mutation.py                  # all six modules; results in mutants/results.json
     python tools/mutation.py --module sse     # one module; already-run mutants are skipped
+    python tools/mutation.py --survivors      # run again only the mutants that survived last time
     python tools/mutation.py --fresh          # regenerate mutants and forget earlier results
 
 Run from the repository root with mutmut installed (``pip install mutmut==3.8.1``).
@@ -144,11 +145,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per mutant")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--survivors", action="store_true")
     args = parser.parse_args()
     if args.fresh and MUTANTS.exists():
         shutil.rmtree(MUTANTS)
     names = generate()
     results: dict[str, str] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.survivors:
+        results = {name: outcome for name, outcome in results.items() if outcome != "survived"}
     for module in args.module or list(TESTS_BY_MODULE):
         check_clean(module)
         started = time.monotonic()
