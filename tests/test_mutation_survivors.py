@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from netfly import ConfigurationError, StreamDecodeError, UpstreamError
-from netfly.chunks import ChunkInterpreter
+from netfly.chunks import ChunkInterpreter, as_events
 from netfly.events import ChatAccumulator, ChoiceDelta, ChunkMeta, ToolCallDelta, Usage
 from netfly.messages import validate_messages
 from netfly.redact import drop_secret_prefix, header_secrets, redact_headers, scrub, url_secrets
@@ -132,6 +132,68 @@ def test_in_stream_error_messages(payload: Any, message: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         ChunkInterpreter().interpret(ServerSentEvent(data, "error"))
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    ('{"choices": 5}', "choices is not a list (data: \"{'choices': 5}\")"),
+    ('{"choices": [7]}', "a choice is not an object with a valid delta (data: '7')"),
+    ("[1, 2]", "event data is JSON but not an object (data: '[1, 2]')"),
+])
+def test_malformed_chunks_say_why_and_quote_the_data(
+    caplog: pytest.LogCaptureFixture, data: str, reason: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="netfly"):
+        assert ChunkInterpreter().interpret(ServerSentEvent(data)) is None
+    assert [r.getMessage() for r in caplog.records] == [f"skipping malformed stream chunk: {reason}"]
+    with pytest.raises(StreamDecodeError) as caught:
+        ChunkInterpreter(strict=True).interpret(ServerSentEvent(data))
+    assert str(caught.value) == reason
+
+
+def test_malformed_data_is_quoted_with_secrets_masked() -> None:
+    with pytest.raises(StreamDecodeError, match=r"^event data is JSON but not an object \(data: '\[\"\*\*\*\"\]'\)$"):
+        ChunkInterpreter(strict=True, secrets=("sk-secret",)).interpret(ServerSentEvent('["sk-secret"]'))
+    with pytest.raises(StreamDecodeError, match=r"^JSON reply is not a chat.completion: \"\{'choices': '\*\*\*'\}\"$"):
+        ChunkInterpreter(secrets=("sk-secret",)).interpret_completion({"choices": "sk-secret"})
+
+
+def test_tool_call_fields_as_sent() -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f"}, "vendor": 1},
+        {"id": "b", "function": {"name": "g"}},
+    ]}}]}
+    events = as_events(ChunkInterpreter().interpret_chunk(chunk))
+    (first, second) = next(e for e in events if isinstance(e, ChoiceDelta)).tool_calls
+    assert (first.index, first.type, dict(first.extra)) == (0, "function", {"vendor": 1})
+    assert (second.index, second.type, dict(second.extra)) == (1, None, {})  # no index: its position
+    bad = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]}
+    with pytest.raises(StreamDecodeError, match="a choice is not an object with a valid delta"):
+        ChunkInterpreter(strict=True).interpret_chunk(bad)
+
+
+def test_in_stream_error_keeps_its_param() -> None:
+    payload = '{"error": {"message": "bad", "code": "c", "type": "t", "param": "temperature"}}'
+    with pytest.raises(UpstreamError, match=r"^bad$") as caught:
+        ChunkInterpreter().interpret(ServerSentEvent(payload, "error"))
+    assert (caught.value.code, caught.value.type, caught.value.param) == ("c", "t", "temperature")
+
+
+def test_a_boolean_created_is_not_a_timestamp() -> None:
+    events = as_events(ChunkInterpreter().interpret_chunk({"created": True, "id": "x", "choices": []}))
+    meta = next(e for e in events if isinstance(e, ChunkMeta))
+    assert (meta.id, meta.created) == ("x", None)
+
+
+@pytest.mark.parametrize("text", ['say \\"hi\\"', "tab\\t", "back\\\\slash", "\\u00e9", " lead", "x"])
+def test_text_chunks_of_one_shape_decode_exactly(text: str) -> None:
+    """The second chunk of the same shape takes the fast path; both paths agree."""
+    def event(content: str) -> ServerSentEvent:
+        return ServerSentEvent('{"id":"1","choices":[{"index":0,"delta":{"content":"' + content + '"}}]}')
+
+    interpreter = ChunkInterpreter()
+    texts = [as_events(interpreter.interpret(event(c))) for c in ("first", text, text)]
+    expected = __import__("json").loads(f'"{text}"')
+    assert [next(e.text for e in t if isinstance(e, ChoiceDelta)) for t in texts[1:]] == [expected] * 2
 
 
 # -- redact -----------------------------------------------------------------------------------------
