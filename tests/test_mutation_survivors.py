@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from netfly import ConfigurationError, StreamDecodeError, UpstreamError
+from netfly import ConfigurationError, StreamDecodeError, TransportError, UpstreamError
 from netfly.chunks import ChunkInterpreter, as_events
 from netfly.events import ChatAccumulator, ChoiceDelta, ChunkMeta, ToolCallDelta, Usage
 from netfly.messages import validate_messages
 from netfly.redact import drop_secret_prefix, header_secrets, redact_headers, scrub, url_secrets
+from netfly.retry import RetryPolicy
 from netfly.sse import ServerSentEvent, SSEDecoder
 
 # -- messages ---------------------------------------------------------------------------------------
@@ -278,6 +279,37 @@ def test_chunk_meta_merges_first_values_and_extras() -> None:
     meta = accumulator.meta
     assert (meta.id, meta.created, meta.system_fingerprint) == ("a", 1, "fp")
     assert meta.extra == {"service_tier": "default", "region": "eu"}
+
+
+def test_a_second_choice_defaults_and_tool_call_extras() -> None:
+    accumulator = ChatAccumulator()
+    accumulator.add(ChoiceDelta(index=0, text="a"))
+    accumulator.text_parts(1).append("b")
+    accumulator.add(ChoiceDelta(index=2, tool_calls=(ToolCallDelta(0, name="f", extra={"vendor": 1}),)))
+    accumulator.add(ChoiceDelta(index=2, tool_calls=(ToolCallDelta(0, extra={"region": "eu"}),)))
+    choices = accumulator.result().choices
+    assert [(c.index, c.role, c.logprobs) for c in choices] == [(i, "assistant", None) for i in range(3)]
+    assert choices[2].tool_calls[0].extra == {"vendor": 1, "region": "eu"}
+
+
+# -- retry ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ("multiplier", r"^multiplier must be a number >= 1, got True$"),
+    ("jitter", r"^jitter must be .*, got True$"),
+])
+def test_a_boolean_is_not_a_retry_number(field: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        RetryPolicy(**{field: True})
+    assert caught.value.param == field
+
+
+def test_a_multiplier_of_one_means_a_constant_delay() -> None:
+    policy = RetryPolicy(initial_delay=0.5, multiplier=1, jitter=0, max_attempts=4)
+    refused = TransportError("cannot connect to X: ConnectionRefusedError")
+    assert [policy.delay_for(n, refused) for n in (1, 2, 3)] == [0.5, 0.5, 0.5]
+    assert RetryPolicy(multiplier=1.5).multiplier == 1.5
 
 
 # -- the stream's end -------------------------------------------------------------------------------
