@@ -223,6 +223,12 @@ def test_credentials_found_in_headers_and_urls() -> None:
     assert url_secrets("http://host") == ()
 
 
+def test_an_authorization_value_is_split_only_after_a_word_scheme() -> None:
+    # "Bearer" + the rest (spaces and all); a value with no word scheme is a secret as a whole.
+    assert header_secrets({"Authorization": "Bearer tok en"}) == ("tok en",)
+    assert header_secrets({"Authorization": "sk-1 2"}) == ("sk-1 2",)
+
+
 def test_redact_headers_takes_secret_names_in_any_case() -> None:
     shown = redact_headers({"x-vendor-token": "v", "X-Other": "o"}, secret_names=("X-Vendor-Token",))
     assert shown == {"x-vendor-token": "***", "X-Other": "o"}
