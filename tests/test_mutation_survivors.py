@@ -1,18 +1,29 @@
 """What mutation testing (mutmut 3.8, issue 12) found untested in the pure modules: messages and
 fields a user sees, defaults that must stay ``None``, boundaries. Each test names what it pins.
 
-Kill rates and how they were measured are in README "Reliability". Equivalent mutants left alive
-(no test can tell them from the original):
-- sse.py ``_drop_event``: ``self._event = None`` → ``""``: the type is only read as
-  ``event or "message"``.
-- sse.py ``_fold``: ``head = data[0]`` → ``None`` / ``data[1]``: the other branch joins the same
-  bytes (only memory differs). ``_check_lengths`` ``>`` → ``>=`` (the gate before the exact check).
-- retry.py ``_finite``: the ``ValueError``'s message: always caught inside ``parse_retry_after``.
-- redact.py ``drop_secret_prefix``: ``min(len(secret), …)`` → ``len(secret) + 1``: a prefix one
-  longer than the secret is the secret.
-- events.py ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping;
+Kill rates and how they were measured (``tools/mutation.py``, every mutant) are in README
+"Reliability". Equivalent mutants left alive (no test can tell them from the original):
+- sse.py (27): ``_buffer``/``_pending_cr``/``_bom_checked`` set to ``None`` instead of ``b""``/
+  ``False`` (init, ``feed``, ``flush``): only ever tested for truth. ``_event = ""`` instead of
+  ``None`` (init, ``_dispatch``, ``_drop_event``, ``feed``): read only as ``event or "message"``.
+  ``"UTF-8"`` for ``"utf-8"`` (3): codec names ignore case. ``_dispatch`` joining a single line:
+  the same bytes. ``_fold``: ``head = None`` / ``data[1]``: the other branch joins the same bytes.
+  ``_process_line``'s ``if not line`` branch (``_dispatch(None)``, ``return 1``) and the
+  ``events`` → ``None`` arguments in ``feed``/``flush``: unreachable, no caller passes an empty
+  line. ``0x3A`` → ``59``: a line starting with ``;`` is ignored either way (comment or unknown
+  field), and ``:`` lines become an ignored empty field. ``feed``: the ``+ chunk`` with an empty
+  buffer, ``len(buf) <= 3`` / ``< 4`` (a whole BOM is held one read longer, then stripped the
+  same), ``>=`` in the gate before the exact length check, the ``data: `` fast path off
+  (``_process_line`` counts the same size), folding one line earlier (memory only). ``flush``:
+  ``_pending_cr = True`` afterwards only drops a blank line that has no event to end.
+- retry.py (1) ``_finite``: the ``ValueError``'s message: always caught inside ``parse_retry_after``.
+- redact.py (1) ``url_secrets``: ``.decode("ascii")`` → ``"ASCII"`` (codec names ignore case).
+- events.py (2) ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping;
   ``_merge_meta``: ``if new.extra`` → ``or True``: a copy of ``old.extra`` instead of itself.
-- redact.py ``url_secrets``: ``.decode("ascii")`` → ``"ASCII"`` (codec names ignore case).
+- chunks.py: 121 survivors NOT yet classified (issue 12): 45 in ``_around_content``, 19 in
+  ``_json_string``, 2 in ``_has_control`` (the plain-text fast path: most only make it miss, so the
+  slow path gives the same text, slower), 19 in ``_choice_delta``, 10 in ``_remember_plain``, 9 in
+  ``interpret``, 5 in ``__init__``, 4 each in ``_interpret_slowly``/``_tool_call_deltas``, 4 more.
 """
 
 from __future__ import annotations

@@ -151,9 +151,11 @@ def main() -> None:
         shutil.rmtree(MUTANTS)
     names = generate()
     results: dict[str, str] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    modules = args.module or list(TESTS_BY_MODULE)
     if args.survivors:
-        results = {name: outcome for name, outcome in results.items() if outcome != "survived"}
-    for module in args.module or list(TESTS_BY_MODULE):
+        again = {name for module in modules for name in names[module] if results.get(name) == "survived"}
+        results = {name: outcome for name, outcome in results.items() if name not in again}
+    for module in modules:
         check_clean(module)
         started = time.monotonic()
         run_module(module, names[module], results, args.jobs, args.timeout)
