@@ -93,6 +93,8 @@ def servers(names: set[str], upstream: str, directory: Path) -> dict[str, tuple[
     wanted: dict[str, tuple[list[str], dict[str, str]]] = {}
     if names & {"netfly", "netfly-responses", "netfly-messages"}:
         wanted["netfly"] = ([*serve, "--url", upstream], {})
+    if "aiohttp-relay" in names:
+        wanted["aiohttp-relay"] = ([sys.executable, str(HERE / "aiohttp_relay.py"), "--upstream", upstream], {})
     if "netfly-limits" in names:
         wanted["netfly-limits"] = ([*serve, "--config", str(netfly_config(directory, upstream))], {})
     litellm = shutil.which("litellm") or str(Path(sys.executable).with_name("litellm"))
@@ -131,6 +133,7 @@ def targets_for(names: list[str], upstream: str, started: dict[str, tuple[str, i
     """The rows, in the order asked for; a gateway that did not start has none."""
     make: dict[str, Callable[[], Target]] = {
         "direct": lambda: Target("direct", upstream, None),
+        "aiohttp-relay": lambda: Target("bare aiohttp relay (yardstick)", *started["aiohttp-relay"]),
         "netfly": lambda: Target("netfly serve", *started["netfly"]),
         "netfly-limits": lambda: Target("netfly serve, key + limits + metrics", *started["netfly-limits"],
                                         model="bench", key=NETFLY_KEY),
@@ -285,7 +288,7 @@ def _f(value: float | None, spec: str) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-ALL_TARGETS = ["direct", "netfly", "netfly-limits", "netfly-responses", "netfly-messages", "litellm", "g4f"]
+ALL_TARGETS = ["direct", "aiohttp-relay", "netfly", "netfly-limits", "netfly-responses", "netfly-messages", "litellm", "g4f"]
 PACKAGES = ["netfly", "aiohttp", "orjson", "litellm", "g4f"]
 
 

@@ -195,6 +195,25 @@ async def test_split_writes_and_crlf_stream(scripted: Start) -> None:
     assert await server.provider().create_async(None, MESSAGES) == "Привет 👋"
 
 
+async def test_a_long_answer_is_exact_in_pieces_text_and_result(scripted: Start) -> None:
+    # Thousands of pieces, so the stream keeps them as joined blocks: every view must stay exact.
+    pieces = [f"{i}й{'.' * (i % 7)} " for i in range(1000)]
+    server = await scripted(ok(*pieces))
+    received: list[str] = []
+    midway: list[str] = []
+    async with server.provider().stream(None, MESSAGES) as stream:
+        async for text in stream:
+            received.append(text)
+            if len(received) in (127, 128, 129, 500):
+                midway.append(stream.text)
+    expected = "".join(pieces)
+    assert received == pieces
+    assert midway == ["".join(pieces[:n]) for n in (127, 128, 129, 500)]
+    assert stream.text == expected
+    assert stream.result is not None and stream.result.text == expected
+    assert (stream.stats.chunks, stream.stats.characters) == (1000, len(expected))
+
+
 # -- retries before any text ---------------------------------------------------------------------
 
 

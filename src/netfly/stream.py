@@ -39,6 +39,7 @@ from .transport import Proxy, SessionPool, StreamingResponse, Timeout, open_stre
 logger = logging.getLogger("netfly")
 
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
+_JOIN_EVERY = 128  # text pieces kept apart before they are joined into one block
 
 
 @dataclass
@@ -209,6 +210,7 @@ class ChatStream:
         """Assemble the result in ``accumulator`` from now on (a fresh one when an attempt is retried)."""
         self._acc = accumulator
         self._parts = accumulator.text_parts(0)
+        self._joined = 0  # how many of the first parts are joined blocks (see _note_text)
 
     def _note_text(self, text: str) -> None:
         stats = self.stats
@@ -216,7 +218,13 @@ class ChatStream:
             stats.time_to_first_token = time.monotonic() - self._started
         stats.chunks += 1
         stats.characters += len(text)
-        self._parts.append(text)
+        parts = self._parts
+        parts.append(text)
+        if len(parts) - self._joined >= _JOIN_EVERY:
+            # A few characters each, the pieces cost ~70 bytes apiece: a long answer (or hundreds of
+            # them in a gateway) is kept as blocks of joined text instead, each piece copied once.
+            parts[self._joined:] = ["".join(parts[self._joined:])]
+            self._joined += 1
 
     def _note_events(self, events: list[Event]) -> str | None:
         """Account for ``events``; return choice 0's text among them (what text iteration yields)."""

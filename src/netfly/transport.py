@@ -332,14 +332,21 @@ class StreamingResponse:
         self._fail = fail
         self.content_type = response.content_type
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> StreamingResponse:
+        # An iterator object, not an async generator: a caller that stops at the answer's end
+        # leaves no generator for the event loop to finalise (a thread-safe wake-up per request).
+        return self
+
+    async def __anext__(self) -> bytes:
         # Bounded reads: a burst (a fast server, a proxy flushing its buffer) is handed on a slice
         # at a time, so its first text is not held back behind the whole burst.
         try:
-            async for raw in self._response.content.iter_chunked(_READ_SIZE):
-                yield raw
+            raw = await self._response.content.read(_READ_SIZE)
         except CLIENT_FAILURES as exc:
             raise self._fail(exc) from None
+        if not raw:
+            raise StopAsyncIteration
+        return raw
 
     async def read(self, limit: int) -> bytes:
         """The body, up to ``limit`` bytes."""

@@ -59,6 +59,10 @@ class _OneLineFormatter(logging.Formatter):
 
 
 def _setup_logging(verbose: int) -> None:
+    # The one-line format uses none of the caller's file, line, thread or process: not looking them
+    # up for every record is the logging module's own advice (its "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter())
     logger = logging.getLogger("netfly")

@@ -13,9 +13,9 @@ import hmac
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from secrets import token_hex
 from typing import Any
 
 from aiohttp import web
@@ -23,10 +23,11 @@ from aiohttp import web
 from .. import _checks, _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
-from ..events import ChatResult, Event
+from ..events import ChatResult
 from ..health import engine_state
 from ..provider import Provider
 from ..providers import get_provider
+from ..stream import ChatStream
 from ..transport import Proxy, Timeout, aclose
 from . import pages
 from .chat import ChatChunkEncoder
@@ -98,7 +99,7 @@ class Gateway:
         notes: list[str] = []
         reset = _notes.set(notes)
         given = request.headers.get("X-Request-Id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else token_hex(16)
         reset_id = _request_id.set(request_id)
         try:
             response = await handler(request)
@@ -283,7 +284,7 @@ class Gateway:
         try:
             async with stream:
                 if call.stream:
-                    return await self._relay(request, stream.event_batches(), encoder)
+                    return await self._relay(request, stream, encoder)
                 async for _ in stream.events():
                     pass  # the stream assembles its own result
                 assert stream.result is not None
@@ -292,11 +293,10 @@ class Gateway:
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
 
-    async def _relay(self, request: web.Request, batches: AsyncIterator[list[Event]], encoder: StreamEncoder
-                     ) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, stream: ChatStream, encoder: StreamEncoder) -> web.StreamResponse:
         channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
-            await relay(channel, batches, encoder)
+            await relay(channel, stream.event_batches(), encoder, lambda: stream.result is not None)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream stream (``async with`` in the caller).
             _note("client disconnected")
@@ -314,17 +314,15 @@ class Gateway:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.max_body_bytes
-        too_large = GatewayError(413, f"request body is larger than the limit of {limit} bytes",
-                                 code="request_too_large")
         if request.content_length is not None:
             if request.content_length > limit:
-                raise too_large
+                raise _too_large(limit)
             return await request.read()  # nearly every client says the length: one read
         body = bytearray()
         async for piece in request.content.iter_chunked(64 * 1024):
             body += piece
             if len(body) > limit:
-                raise too_large
+                raise _too_large(limit)
         return bytes(body)
 
 
@@ -481,3 +479,7 @@ def _dumps(obj: Any) -> str:
 
 async def _close_connections(app: web.Application) -> None:
     await aclose()
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-import uuid
+from secrets import token_hex
 from typing import Any
 
 from .. import _json
@@ -20,7 +20,7 @@ class CompletionFormatter:
     """Builds the objects of one answer; they share its id, creation time and model."""
 
     def __init__(self, model: str, *, include_usage: bool = False) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"chatcmpl-{token_hex(16)}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage

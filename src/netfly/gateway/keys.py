@@ -15,9 +15,9 @@ from __future__ import annotations
 import abc
 import math
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Any
 
 from ..config import KeyConfig, hash_key
@@ -116,7 +116,7 @@ class MemoryStore(StateStore):
         self._leases[name] = held
         if len(held) >= limit:
             return None
-        lease_id = uuid.uuid4().hex
+        lease_id = token_hex(16)
         held[lease_id] = now + ttl
         return lease_id
 

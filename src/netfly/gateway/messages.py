@@ -8,8 +8,8 @@ sequence (``message_start``, content blocks — thinking, text, tool_use — ``m
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
+from secrets import token_hex
 from typing import Any
 
 from .. import _json
@@ -155,13 +155,13 @@ class MessageBuilder:
     """The ``message`` object of one answer; tool-use ids stay the same across events."""
 
     def __init__(self, model: str) -> None:
-        self.id = f"msg_{uuid.uuid4().hex}"
+        self.id = f"msg_{token_hex(16)}"
         self.model = model
         self.tool_ids: dict[int, str] = {}
 
     def tool_id(self, index: int, upstream: str | None) -> str:
         if index not in self.tool_ids:
-            self.tool_ids[index] = upstream or f"toolu_{uuid.uuid4().hex}"
+            self.tool_ids[index] = upstream or f"toolu_{token_hex(16)}"
         return self.tool_ids[index]
 
     def message(self, result: ChatResult | None) -> dict[str, Any]:

@@ -8,10 +8,11 @@ key names, providers the configured providers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from ..routing import CircuitBreakers
@@ -24,6 +25,23 @@ _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class _Labelled(Generic[_M]):
+    """A metric whose children are kept by label values: prometheus-client's ``labels()`` validates,
+    converts and locks on every call, several times a request. The label sets are bounded (see above)."""
+
+    def __init__(self, metric: _M) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], _M] = {}
+
+    def labels(self, *values: str) -> _M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
 
 class GatewayMetrics:
     """The counters, histograms and gauges of one gateway."""
@@ -32,20 +50,25 @@ class GatewayMetrics:
                  state: Callable[[], Mapping[str, Any]] = lambda: {"shared": False}) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("netfly_requests", "Requests answered, by route, public model, key name and status",
-                                ["route", "model", "key", "status"], registry=r)
-        self.attempts = Counter("netfly_upstream_attempts", "Upstream attempts, by provider and outcome",
-                                ["provider", "outcome"], registry=r)
-        self.rate_limited = Counter("netfly_rate_limited", "Requests refused by a key's limit",
-                                    ["key", "limit"], registry=r)
-        self.time_to_first_token = Histogram("netfly_time_to_first_token_seconds",
-                                             "Time from the request to the answer's first text",
-                                             ["model"], buckets=_SECONDS, registry=r)
-        self.duration = Histogram("netfly_request_duration_seconds", "Time to answer a request in full",
-                                  ["route", "model"], buckets=_SECONDS, registry=r)
-        self.tokens = Histogram("netfly_tokens_per_request", "Tokens of one request, prompt or completion",
-                                ["model", "kind"], buckets=_TOKENS, registry=r)
-        self.in_flight = Gauge("netfly_streams_in_flight", "Answers being streamed now", ["model"], registry=r)
+        self.requests = _Labelled(Counter(
+            "netfly_requests", "Requests answered, by route, public model, key name and status",
+            ["route", "model", "key", "status"], registry=r))
+        self.attempts = _Labelled(Counter(
+            "netfly_upstream_attempts", "Upstream attempts, by provider and outcome",
+            ["provider", "outcome"], registry=r))
+        self.rate_limited = _Labelled(Counter(
+            "netfly_rate_limited", "Requests refused by a key's limit", ["key", "limit"], registry=r))
+        self.time_to_first_token = _Labelled(Histogram(
+            "netfly_time_to_first_token_seconds", "Time from the request to the answer's first text",
+            ["model"], buckets=_SECONDS, registry=r))
+        self.duration = _Labelled(Histogram(
+            "netfly_request_duration_seconds", "Time to answer a request in full",
+            ["route", "model"], buckets=_SECONDS, registry=r))
+        self.tokens = _Labelled(Histogram(
+            "netfly_tokens_per_request", "Tokens of one request, prompt or completion",
+            ["model", "kind"], buckets=_TOKENS, registry=r))
+        self.in_flight = _Labelled(Gauge(
+            "netfly_streams_in_flight", "Answers being streamed now", ["model"], registry=r))
         r.register(_BreakerCollector(breakers))
         r.register(_StateCollector(state))
 

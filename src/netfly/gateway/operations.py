@@ -14,10 +14,10 @@ import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -147,7 +147,7 @@ class Operations:
         metrics, usage and JSON log line once it ends."""
         resource = request.match_info.route.resource
         record = RequestRecord(
-            request_id=self._request_id() or uuid.uuid4().hex,
+            request_id=self._request_id() or token_hex(16),
             route=resource.canonical if resource is not None else "unmatched",
         )
         request[_RECORD] = record

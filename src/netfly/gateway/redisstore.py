@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from secrets import token_hex
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -275,7 +275,7 @@ class RedisStore(StateStore):
         await self._call(shared, lambda: self.fallback.give(name, amount, capacity, per_second))
 
     async def lease(self, name: str, limit: int, ttl: float) -> str | None:
-        lease_id = uuid.uuid4().hex
+        lease_id = token_hex(16)
         ttl_ms = round(min(ttl, self.lease_ttl) * 1000)
 
         async def shared() -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -52,7 +52,8 @@ class SSEChannel:
         self._clock = asyncio.get_running_loop().time
         self._last = self._clock()
         self._opening = False
-        self._watchdog: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._comment: asyncio.Task[None] | None = None  # a keep-alive comment being sent
 
     @property
     def started(self) -> bool:
@@ -75,43 +76,64 @@ class SSEChannel:
         return response
 
     async def close(self, data: bytes = b"") -> None:
-        """End the body, sending ``data`` last (in the same write once the head is out)."""
-        if self.response is None:
+        """End the body with ``data``, in one write (with the head too, when it has not gone out)."""
+        response = self.response
+        if response is None:
             if not data:
                 return
-            await self.send(data)
-            data = b""
-        assert self.response is not None
-        await self.response.write_eof(data)
+            response = await self._open()
+            data = self._head + data
+        await response.write_eof(data)
 
     async def __aenter__(self) -> SSEChannel:
         if self._keepalive:
-            self._watchdog = asyncio.create_task(self._keep_alive(self._keepalive))
+            # A timer, not a task per stream: most answers end long before the first keep-alive is due.
+            self._timer = asyncio.get_running_loop().call_at(self._last + self._keepalive, self._tick)
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._comment is not None:
+            self._comment.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+                await self._comment
 
-    async def _keep_alive(self, interval: float) -> None:
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                await asyncio.sleep(max(0.0, self._last + interval - self._clock()))
-                if self._clock() - self._last >= interval and not self._opening:
-                    await self.send(KEEPALIVE_COMMENT)
+    def _tick(self) -> None:
+        assert self._keepalive is not None
+        due = self._last + self._keepalive
+        now = self._clock()
+        if now >= due:
+            if self._comment is None and not self._opening:
+                self._comment = asyncio.get_running_loop().create_task(self._send_comment())
+            due = now + self._keepalive
+        self._timer = asyncio.get_running_loop().call_at(due, self._tick)
+
+    async def _send_comment(self) -> None:
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                await self.send(KEEPALIVE_COMMENT)
+        finally:
+            self._comment = None
 
 
-async def relay(channel: SSEChannel, batches: AsyncIterator[list[Event]], encoder: StreamEncoder) -> None:
+async def relay(channel: SSEChannel, batches: AsyncIterator[list[Event]], encoder: StreamEncoder,
+                ended: Callable[[], bool] = lambda: False) -> None:
     """Send every batch of events (one upstream read's) in one write, then the end; errors before the
-    first byte propagate, later ones are sent in-band by the caller (``channel.started`` tells which)."""
+    first byte propagate, later ones are sent in-band by the caller (``channel.started`` tells which).
+
+    ``ended()`` tells whether the answer is complete: its last batch then goes out with the end of the
+    body (a short answer, head and all, in a single write)."""
     encode = encoder.encode
     send = channel.send
+    last = b""
     async with channel:
         async for batch in batches:
             data = b"".join(map(encode, batch))
+            if ended():
+                last = data
+                break
             if data:
                 await send(data)
-    await channel.close(encoder.finish())
+    await channel.close(last + encoder.finish())

@@ -9,8 +9,8 @@ refusal), one ``function_call`` per tool call.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
+from secrets import token_hex
 from typing import Any
 
 from .. import _json
@@ -148,7 +148,7 @@ def _text_format(text: Any) -> dict[str, Any]:
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{token_hex(16)}"
 
 
 def response_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
