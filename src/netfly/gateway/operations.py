@@ -167,7 +167,13 @@ class Operations:
             record.status = 499  # the client went away
             raise
         finally:
-            await self._settle(record)
+            # A client that closes its connection as soon as it has the answer cancels this handler
+            # (aiohttp's handler cancellation), often right here: the settling runs on regardless,
+            # or the stream slot, usage, metrics and log line of the request would be lost.
+            settling = asyncio.ensure_future(self._settle(record))
+            self._tasks.add(settling)
+            settling.add_done_callback(self._tasks.discard)
+            await asyncio.shield(settling)
 
     @web.middleware
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
