@@ -4,9 +4,12 @@ breakers are shared; Redis down or slow never fails a client request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -169,6 +172,39 @@ async def test_redis_killed_under_load_fails_no_request_and_comes_back(
     assert len(downs) == 1 and "serving with this process's memory" in downs[0]
     assert any("is back after" in r.getMessage() for r in caplog.records)
 
+
+async def test_a_client_that_hangs_up_at_the_end_of_the_answer_frees_its_slot_and_is_counted(
+    scripted: Scripted, redis_server: RedisServer
+) -> None:
+    # The client closes (a reset) the moment it has the last byte: the gateway's handler is cancelled
+    # while it still settles the request with Redis. That settling must finish all the same.
+    upstream = await scripted(named_answer("hi"))
+    gw, runner = await gateway_on_redis(redis_server, upstream, rpm=100000, max_streams=2)
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + body)
+            answer = b""
+            while not answer.endswith(b"0\r\n\r\n"):  # the end of the chunked body
+                piece = await reader.read(65536)
+                assert piece, answer
+                answer += piece
+            assert b"data: [DONE]" in answer
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset at once
+            writer.close()
+        await asyncio.sleep(0.3)  # the last settling
+        statuses = [(await post(gw, stream=True))[0] for _ in range(3)]
+        assert gw.operations is not None
+        (usage,) = await gw.operations.usage.report()  # what /admin/usage serves
+    finally:
+        await runner.cleanup()
+    assert statuses == [200, 200, 200]  # max_streams=2: no slot was left taken by the 20 that hung up
+    assert usage["requests"] == 23
 
 async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_server: RedisServer) -> None:
     upstream = await scripted(named_answer("hi"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -68,9 +69,13 @@ class RequestRecord:
     rate_headers: dict[str, str] = field(default_factory=dict)
     stream: ChatStream | None = None
     messages: Sequence[Any] = ()
-    prompt_estimate: int = 0
     tokens: TokenCount | None = None
     status: int = 500
+
+    @functools.cached_property
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens, estimated: needed only for a key's TPM or when the upstream sends no usage."""
+        return estimate_tokens(self.messages, None)
 
 
 # A typed request key where aiohttp has them (3.12+), a plain string before.
@@ -162,7 +167,13 @@ class Operations:
             record.status = 499  # the client went away
             raise
         finally:
-            await self._settle(record)
+            # A client that closes its connection as soon as it has the answer cancels this handler
+            # (aiohttp's handler cancellation), often right here: the settling runs on regardless,
+            # or the stream slot, usage, metrics and log line of the request would be lost.
+            settling = asyncio.ensure_future(self._settle(record))
+            self._tasks.add(settling)
+            settling.add_done_callback(self._tasks.discard)
+            await asyncio.shield(settling)
 
     @web.middleware
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -186,7 +197,6 @@ class Operations:
         """The request's public model is known: check its key's limits and take from them."""
         record: RequestRecord = request[_RECORD]
         record.model, record.messages = model, messages
-        record.prompt_estimate = estimate_tokens(messages, None)
         if record.key is None:
             return
         record.admission = admission = Admission(record.key, self.store)
@@ -211,7 +221,7 @@ class Operations:
         model, key_name = record.model or "", record.key.name if record.key else ""
         stream = record.stream
         if stream is not None:
-            record.tokens = tokens = count_tokens(stream, record.prompt_estimate)
+            record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
             self.metrics.in_flight.labels(model).dec()
             self.metrics.observe_stream(model, stream.stats)
             self.metrics.tokens.labels(model, "prompt").observe(tokens.prompt)

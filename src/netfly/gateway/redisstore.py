@@ -136,6 +136,10 @@ class RedisStore(StateStore):
         self._renew = self.client.register_script(_RENEW_LUA)
         self.bench = RedisBench(self.client, timeout)  # circuit breakers shared by the routers
         self._held: dict[str, set[str]] = {}  # leases taken in Redis by this process, renewed while held
+        # Leases Redis may hold though this process did not hear so (a lease or release call that timed
+        # out may still have run there): removed once it answers, else each would block a slot for the
+        # lease's time to live. Kept at most that long: by then Redis has dropped them by itself.
+        self._doubtful: dict[tuple[str, str], float] = {}
         self._keeper: asyncio.Task[None] | None = None
         self._down_since: float | None = None
 
@@ -175,6 +179,8 @@ class RedisStore(StateStore):
             elif time.monotonic() - renewed >= self.lease_ttl / 3:
                 renewed = time.monotonic()
                 await self._renew_all()
+            if self.shared and self._doubtful:
+                await self._remove_doubtful()
 
     async def _reconnect(self) -> None:
         try:
@@ -203,6 +209,30 @@ class RedisStore(StateStore):
             await self._renew(keys=[redis_key(name)], args=[ttl_ms, *ids])
 
         return renew
+
+    async def _remove_doubtful(self) -> None:
+        now = time.monotonic()
+        settled = now - (_MAX_WAITS * self.timeout + 0.25)  # older: no call about it is still in flight
+        expired = now - self.lease_ttl  # older: Redis has dropped it by itself
+        ripe = [entry for entry, since in self._doubtful.items() if since < settled]
+        due = {entry: self._doubtful.pop(entry) for entry in ripe}
+        due = {entry: since for entry, since in due.items() if since > expired}
+        if not due:
+            return
+
+        async def remove() -> bool:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, lease_id in due:
+                    pipe.zrem(redis_key(name), lease_id)
+                await pipe.execute()
+            return True
+
+        async def unanswered() -> bool:
+            return False
+
+        # Background work, not a request's: it may take longer than a limit check.
+        if not await self._call(remove, unanswered, max(self.timeout, 1.0)):
+            self._doubtful.update(due)  # try again on the next round
 
     def _went_down(self, reason: str) -> None:
         self.shared = False
@@ -279,7 +309,10 @@ class RedisStore(StateStore):
         ttl_ms = round(min(ttl, self.lease_ttl) * 1000)
 
         async def shared() -> str | None:
-            if not await self._lease(keys=[redis_key(name)], args=[limit, ttl_ms, lease_id]):
+            self._doubtful[name, lease_id] = time.monotonic()  # until Redis answers
+            taken = await self._lease(keys=[redis_key(name)], args=[limit, ttl_ms, lease_id])
+            self._doubtful.pop((name, lease_id), None)
+            if not taken:
                 return None
             self._held.setdefault(name, set()).add(lease_id)
             return lease_id
@@ -292,7 +325,13 @@ class RedisStore(StateStore):
             await self.fallback.release(name, lease_id)
             return
         held.discard(lease_id)  # not renewed any more: it expires even if the ZREM below fails
-        await self._call(lambda: self.client.zrem(redis_key(name), lease_id), _nothing)
+        self._doubtful[name, lease_id] = time.monotonic()
+
+        async def shared() -> None:
+            await self.client.zrem(redis_key(name), lease_id)
+            self._doubtful.pop((name, lease_id), None)
+
+        await self._call(shared, _nothing)
 
     async def add(self, name: str, counts: Mapping[str, int]) -> None:
         async def shared() -> None:

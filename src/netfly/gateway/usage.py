@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ class TokenCount:
         return self.prompt + self.completion
 
 
-def count_tokens(stream: ChatStream, prompt_estimate: int) -> TokenCount:
+def count_tokens(stream: ChatStream, prompt_estimate: Callable[[], int]) -> TokenCount:
     """The answer's real usage when the upstream sent it, else an estimate from the text received."""
     usage = stream.result.usage if stream.result is not None else None
     if usage and isinstance(usage.get("prompt_tokens"), int) and isinstance(usage.get("completion_tokens"), int):
@@ -34,7 +35,7 @@ def count_tokens(stream: ChatStream, prompt_estimate: int) -> TokenCount:
     text = stream.text
     if not text and stream.result is None:
         return TokenCount(0, 0, estimated=True)  # failed before any answer: nothing was produced
-    return TokenCount(prompt_estimate, math.ceil(len(text) / 4), estimated=True)
+    return TokenCount(prompt_estimate(), math.ceil(len(text) / 4), estimated=True)
 
 
 class UsageBook:
