@@ -20,10 +20,18 @@ Kill rates and how they were measured (``tools/mutation.py``, every mutant) are 
 - redact.py (1) ``url_secrets``: ``.decode("ascii")`` → ``"ASCII"`` (codec names ignore case).
 - events.py (2) ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping;
   ``_merge_meta``: ``if new.extra`` → ``or True``: a copy of ``old.extra`` instead of itself.
-- chunks.py: 121 survivors NOT yet classified (issue 12): 45 in ``_around_content``, 19 in
-  ``_json_string``, 2 in ``_has_control`` (the plain-text fast path: most only make it miss, so the
-  slow path gives the same text, slower), 19 in ``_choice_delta``, 10 in ``_remember_plain``, 9 in
-  ``interpret``, 5 in ``__init__``, 4 each in ``_interpret_slowly``/``_tool_call_deltas``, 4 more.
+- chunks.py (21). The plain-text fast path only ever saves parsing: when it is skipped, the chunk is
+  parsed and the dict comparison in ``interpret_chunk`` gives the same ``str``. So these change
+  speed only: ``interpret`` never using or never learning the text around the content string
+  (``around = None``, ``text = None``, ``type(None) is str``, ``around is not None``,
+  ``self._around = None``), the middle cut with ``+ len(around[1])`` (then not one string);
+  ``_around_content`` never finding the key or the string (``"content":`` → ``XX…XX``/``CONTENT``,
+  ``found = None``, ``or True``); ``_json_string`` refusing every text (``value[:2]``, ``'XX"XX'``,
+  ``and False``). ``__init__``: ``_top``/``_meta``/``_plain_choice`` = ``""`` instead of ``None``:
+  only compared with dicts, which equal neither. ``_interpret_slowly``: the chunk's fields copied
+  even without ``usage``: an equal dict. ``keys() <`` for ``<=`` in ``_chunk_meta``,
+  ``_choice_delta`` (2) and ``_tool_call_deltas``: when every known key is present, ``extra`` is a
+  new empty dict instead of the shared empty mapping: equal, empty and false alike.
 """
 
 from __future__ import annotations
@@ -302,6 +310,24 @@ def test_a_top_level_content_field_is_never_taken_for_the_text(first: bool) -> N
 
     events = _events_of(chunk("foo", "a"), chunk("foo", "b"), chunk("bar", "b"), chunk("bar", "c"))
     assert events[2:] == [[ChunkMeta(extra={"content": "bar"}), ChoiceDelta(text="b")], [ChoiceDelta(text="c")]]
+
+
+@pytest.mark.parametrize("space", ["\t", "\n", "\r\n "])
+def test_text_chunks_with_other_whitespace_before_the_text_are_read(space: str) -> None:
+    interpreter = ChunkInterpreter()
+    items = [interpreter.interpret(ServerSentEvent(f'{{"choices":[{{"delta":{{"content":{space}"{t}"}}}}]}}'))
+             for t in "abc"]
+    assert items == [[ChoiceDelta(text="a")], "b", "c"]
+
+
+def test_junk_that_only_ends_like_the_last_text_chunk_is_malformed() -> None:
+    interpreter = ChunkInterpreter(strict=True)
+    before, after = '{"choices":[{"index":0,"delta":{"content":', "}}]}"
+    for text in ('"a"', '"b"'):
+        interpreter.interpret(ServerSentEvent(before + text + after))
+    junk = after + "x" * (len(before) - len(after)) + '"zz"' + after
+    with pytest.raises(StreamDecodeError, match=r"^invalid JSON in event data: .*\(data: '\}\}\]\}xxx"):
+        interpreter.interpret(ServerSentEvent(junk))
 
 
 def test_a_completion_with_a_malformed_choice_quotes_the_reply() -> None:
