@@ -117,7 +117,9 @@ def test_a_chunk_like_the_last_but_its_text_gives_that_text(text: str) -> None:
         assert interpreter.interpret(event(raw)) == (text or None)
 
 
-@pytest.mark.parametrize("middle", ['"x","extra":"y"', '"x"]', "null", '"raw\u0001"'.replace("\\u0001", "\x01")])
+@pytest.mark.parametrize(
+    "middle", ['"x","extra":"y"', '"x"]', "null", '"raw\u0001"'.replace("\\u0001", "\x01"), 'xy"', '"xy', "5"]
+)
 def test_a_chunk_whose_middle_is_not_one_string_is_read_in_full(middle: str) -> None:
     interpreter = ChunkInterpreter()
     for first in ("a", "b"):

@@ -20,14 +20,23 @@ Kill rates and how they were measured (``tools/mutation.py``, every mutant) are 
 - redact.py (1) ``url_secrets``: ``.decode("ascii")`` → ``"ASCII"`` (codec names ignore case).
 - events.py (2) ``_EmptyMapping.__hash__`` → ``1``: any constant hash of an empty immutable mapping;
   ``_merge_meta``: ``if new.extra`` → ``or True``: a copy of ``old.extra`` instead of itself.
-- chunks.py: 121 survivors NOT yet classified (issue 12): 45 in ``_around_content``, 19 in
-  ``_json_string``, 2 in ``_has_control`` (the plain-text fast path: most only make it miss, so the
-  slow path gives the same text, slower), 19 in ``_choice_delta``, 10 in ``_remember_plain``, 9 in
-  ``interpret``, 5 in ``__init__``, 4 each in ``_interpret_slowly``/``_tool_call_deltas``, 4 more.
+- chunks.py (21). The plain-text fast path only ever saves parsing: when it is skipped, the chunk is
+  parsed and the dict comparison in ``interpret_chunk`` gives the same ``str``. So these change
+  speed only: ``interpret`` never using or never learning the text around the content string
+  (``around = None``, ``text = None``, ``type(None) is str``, ``around is not None``,
+  ``self._around = None``), the middle cut with ``+ len(around[1])`` (then not one string);
+  ``_around_content`` never finding the key or the string (``"content":`` → ``XX…XX``/``CONTENT``,
+  ``found = None``, ``or True``); ``_json_string`` refusing every text (``value[:2]``, ``'XX"XX'``,
+  ``and False``). ``__init__``: ``_top``/``_meta``/``_plain_choice`` = ``""`` instead of ``None``:
+  only compared with dicts, which equal neither. ``_interpret_slowly``: the chunk's fields copied
+  even without ``usage``: an equal dict. ``keys() <`` for ``<=`` in ``_chunk_meta``,
+  ``_choice_delta`` (2) and ``_tool_call_deltas``: when every known key is present, ``extra`` is a
+  new empty dict instead of the shared empty mapping: equal, empty and false alike.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -140,7 +149,7 @@ def test_quoted_malformed_data_is_cut_at_200_characters(caplog: pytest.LogCaptur
     ("plain words", "plain words"),
 ])
 def test_in_stream_error_messages(payload: Any, message: str) -> None:
-    data = payload if isinstance(payload, str) else __import__("json").dumps(payload)
+    data = payload if isinstance(payload, str) else json.dumps(payload)
     with pytest.raises(UpstreamError) as caught:
         ChunkInterpreter().interpret(ServerSentEvent(data, "error"))
     assert str(caught.value) == message
@@ -204,8 +213,126 @@ def test_text_chunks_of_one_shape_decode_exactly(text: str) -> None:
 
     interpreter = ChunkInterpreter()
     texts = [as_events(interpreter.interpret(event(c))) for c in ("first", text, text)]
-    expected = __import__("json").loads(f'"{text}"')
+    expected = json.loads(f'"{text}"')
     assert [next(e.text for e in t if isinstance(e, ChoiceDelta)) for t in texts[1:]] == [expected] * 2
+
+
+def _items_of(*chunks: Any) -> list[Any]:
+    """What each of ``chunks`` (objects, sent as compact JSON) gives through one interpreter."""
+    interpreter = ChunkInterpreter()
+    return [interpreter.interpret(ServerSentEvent(json.dumps(c, separators=(",", ":")))) for c in chunks]
+
+
+def _events_of(*chunks: Any) -> list[list[Any]]:
+    return [as_events(item or []) for item in _items_of(*chunks)]
+
+
+def test_a_choice_without_an_index_is_choice_zero_and_others_keep_theirs() -> None:
+    chunk = {"choices": [{"delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]}
+    assert ChunkInterpreter().interpret_chunk(chunk) == [ChoiceDelta(index=0, text="a"), ChoiceDelta(index=1, text="b")]
+
+
+def test_refusals_logprobs_and_unknown_fields_alone_are_reported() -> None:
+    logprobs = {"content": [{"token": "no", "logprob": -0.1}]}
+    chunk = {"choices": [
+        {"index": 0, "delta": {"refusal": "I can't"}, "logprobs": logprobs},
+        {"index": 1, "delta": {}, "logprobs": logprobs},  # logprobs and nothing else
+        {"index": 2, "delta": {"vendor_note": "x"}},
+        {"index": 3, "delta": {}, "vendor_score": 1},
+    ]}
+    assert ChunkInterpreter().interpret_chunk(chunk) == [
+        ChoiceDelta(index=0, refusal="I can't", logprobs=logprobs),
+        ChoiceDelta(index=1, logprobs=logprobs),
+        ChoiceDelta(index=2, delta_extra={"vendor_note": "x"}),
+        ChoiceDelta(index=3, choice_extra={"vendor_score": 1}),
+    ]
+
+
+def test_a_tool_call_fragment_keeps_the_index_it_was_sent_with() -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "function": {"arguments": "}"}}]}}]}
+    (delta,) = ChunkInterpreter().interpret_chunk(chunk) or []
+    assert isinstance(delta, ChoiceDelta) and delta.tool_calls == (ToolCallDelta(1, arguments="}"),)
+
+
+def test_fields_of_the_wrong_type_are_left_out() -> None:
+    chunk = {"id": 5, "model": ["m"], "system_fingerprint": {}, "choices": [
+        {"index": 0, "delta": {"tool_calls": [{"index": 0, "id": 1, "function": {"name": 2}}]}, "finish_reason": 3}
+    ], "usage": "n/a"}
+    assert ChunkInterpreter().interpret_chunk(chunk) == [
+        ChunkMeta(), ChoiceDelta(tool_calls=(ToolCallDelta(0),)),  # and no Usage: "n/a" is not one
+    ]
+    assert ChunkInterpreter().interpret_chunk({"choices": [], "usage": {}}) is None
+
+
+def test_a_stream_cut_short_is_neither_done_nor_finished() -> None:
+    interpreter = ChunkInterpreter()
+    assert (interpreter.done, interpreter.finished) == (False, False)
+    interpreter.interpret(ServerSentEvent('{"choices":[{"index":0,"delta":{"content":"a"}}]}'))
+    assert (interpreter.done, interpreter.finished) == (False, False)
+
+
+def test_chunks_of_another_choice_never_pass_for_choice_zero() -> None:
+    first, second = _events_of(*({"choices": [{"index": 1, "delta": {"content": t}}]} for t in "ab"))
+    assert (first, second) == ([ChoiceDelta(index=1, text="a")], [ChoiceDelta(index=1, text="b")])
+
+
+@pytest.mark.parametrize("field", [{"finish_reason": "length"}, {"logprobs": {"content": None}}])
+def test_a_field_repeated_on_every_chunk_is_reported_on_every_chunk(field: dict[str, Any]) -> None:
+    texts = "abc"
+    events = _events_of(*({"choices": [{"index": 0, "delta": {"content": t}, **field}]} for t in texts))
+    assert events == [[ChoiceDelta(text=t, **field)] for t in texts]
+
+
+def test_openai_shaped_text_chunks_come_as_str() -> None:
+    """Choices with exactly index, delta, logprobs and finish_reason (what OpenAI sends) are plain."""
+    choice = {"index": 0, "logprobs": None, "finish_reason": None}
+    items = _items_of(*({"id": "c", "choices": [{**choice, "delta": {"content": t}}]} for t in "abc"))
+    assert items == [[ChunkMeta(id="c"), ChoiceDelta(text="a")], "b", "c"]
+
+
+def test_a_role_sent_with_every_text_is_reported_with_every_text() -> None:
+    events = _events_of(*({"choices": [{"index": 0, "delta": {"role": "assistant", "content": t}}]} for t in "abc"))
+    assert events == [[ChoiceDelta(role="assistant", text=t)] for t in "abc"]
+
+
+def test_a_choice_without_delta_after_text_chunks_gives_its_finish_reason() -> None:
+    text = {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}]}
+    events = _events_of(text, text, {"id": "c", "choices": [{"index": 0, "finish_reason": "stop"}]})
+    assert events[2] == [ChoiceDelta(finish_reason="stop")]
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_top_level_content_field_is_never_taken_for_the_text(first: bool) -> None:
+    """A vendor's top-level ``content`` is a second ``"content":`` in the chunk: no fast path."""
+    def chunk(top: str, text: str) -> dict[str, Any]:
+        choices = {"choices": [{"index": 0, "delta": {"content": text}}]}
+        return {"content": top, **choices} if first else {**choices, "content": top}
+
+    events = _events_of(chunk("foo", "a"), chunk("foo", "b"), chunk("bar", "b"), chunk("bar", "c"))
+    assert events[2:] == [[ChunkMeta(extra={"content": "bar"}), ChoiceDelta(text="b")], [ChoiceDelta(text="c")]]
+
+
+@pytest.mark.parametrize("space", ["\t", "\n", "\r\n "])
+def test_text_chunks_with_other_whitespace_before_the_text_are_read(space: str) -> None:
+    interpreter = ChunkInterpreter()
+    items = [interpreter.interpret(ServerSentEvent(f'{{"choices":[{{"delta":{{"content":{space}"{t}"}}}}]}}'))
+             for t in "abc"]
+    assert items == [[ChoiceDelta(text="a")], "b", "c"]
+
+
+def test_junk_that_only_ends_like_the_last_text_chunk_is_malformed() -> None:
+    interpreter = ChunkInterpreter(strict=True)
+    before, after = '{"choices":[{"index":0,"delta":{"content":', "}}]}"
+    for text in ('"a"', '"b"'):
+        interpreter.interpret(ServerSentEvent(before + text + after))
+    junk = after + "x" * (len(before) - len(after)) + '"zz"' + after
+    with pytest.raises(StreamDecodeError, match=r"^invalid JSON in event data: .*\(data: '\}\}\]\}xxx"):
+        interpreter.interpret(ServerSentEvent(junk))
+
+
+def test_a_completion_with_a_malformed_choice_quotes_the_reply() -> None:
+    with pytest.raises(StreamDecodeError, match=r"""^JSON reply is not a chat.completion: "\{'choices': \[7\]\}"$"""):
+        ChunkInterpreter().interpret_completion({"choices": [7]})
 
 
 # -- redact -----------------------------------------------------------------------------------------
