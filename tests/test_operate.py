@@ -10,7 +10,6 @@ import logging
 import random
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from netfly.gateway.keys import MemoryStore
 from netfly.gateway.metrics import DEFAULT_MAX_MODELS, OTHER_MODELS
 from netfly.gateway.operations import Operations
 
-from .conftest import ScriptedServer, chunk, sse
+from .conftest import ScriptedServer, chunk, netfly_serve, sse
 
 Scripted = Callable[..., Awaitable[ScriptedServer]]
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -405,16 +404,12 @@ async def test_reload_under_load_cuts_no_stream(scripted: Scripted, serve_config
 
 async def test_netfly_serve_config_reloads_on_sighup(scripted: Scripted, tmp_path: Path) -> None:
     first, second = await scripted(named_answer("one")), await scripted(named_answer("two"))
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     path = tmp_path / "netfly.toml"
     path.write_text(f"[server]\nport = 1\nmetrics_port = {metrics_port}\n" + config_text(first, {"alice": ALICE}))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(port), "--log-format", "json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
+    process, port, _ = await netfly_serve("--config", str(path), "--log-format", "json")
     try:
         gw = Running(f"http://127.0.0.1:{port}")
-        await wait_until_serving(gw)
         assert await gw.ask("m") == "one one "
         path.write_text("[models.broken\n")
         process.send_signal(signal.SIGHUP)
