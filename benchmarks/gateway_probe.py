@@ -6,8 +6,8 @@ Starts tracemalloc (``PROBE_FRAMES`` frames per allocation, default 1; ``PROBE_T
 off, so RSS is not inflated by tracing), then runs the ``netfly`` command. On SIGUSR1 it writes
 ``DIR/<name>.txt``, ``<name>`` read from ``DIR/next``: RSS, tracemalloc's total, the live asyncio
 tasks, the object counts by type that changed since the first report, the largest growths by line
-since the first report, and RSS again after ``malloc_trim(0)`` (what glibc gives back is free heap,
-not live objects).
+since the first report, glibc's heap figures (``mallinfo2``: in use, free) and RSS again after
+``malloc_trim(0)`` (what glibc gives back is free heap, not live objects).
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ import tracemalloc
 from types import FrameType
 
 _first: dict[str, object] = {}
+libc = ctypes.CDLL("libc.so.6")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_figures() -> str:
+    """glibc's own account: heap from brk (in use / free), and memory in separate mmaps."""
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    mib = 2**20
+    return (f"malloc heap {info.arena / mib:.1f} MiB ({info.uordblks / mib:.1f} in use, "
+            f"{info.fordblks / mib:.1f} free), mmapped {info.hblkhd / mib:.1f} MiB in {info.hblks} blocks")
 
 
 def rss_mib() -> float:
@@ -64,8 +79,9 @@ def report(directory: str) -> None:
             lines.append("largest growths by line since the first report:")
             for stat in snapshot.compare_to(_first["snapshot"], "lineno")[:25]:  # type: ignore[arg-type]
                 lines.append(f"  {stat}")
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    lines.append(f"RSS after malloc_trim(0) {rss_mib():.1f} MiB")
+    lines.append(malloc_figures())
+    libc.malloc_trim(0)
+    lines.append(f"RSS after malloc_trim(0) {rss_mib():.1f} MiB; {malloc_figures()}")
     with open(os.path.join(directory, f"{name}.txt.part"), "w") as out:
         out.write("\n".join(lines) + "\n")
     os.rename(os.path.join(directory, f"{name}.txt.part"), os.path.join(directory, f"{name}.txt"))
