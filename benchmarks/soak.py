@@ -163,16 +163,17 @@ async def worker(port: int, deadline: float, tally: Tally) -> None:
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
         while time.monotonic() < deadline:
             roll = random.random()
+            kind = "normal" if roll < 0.7 else "faulty" if roll < 0.9 else "hostile"
             try:
-                if roll < 0.7:
+                if kind == "normal":
                     await normal(session, url, tally)
-                elif roll < 0.9:
+                elif kind == "faulty":
                     await faulty(session, url, tally)
                 else:
                     await hostile(port, url, session, tally)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 tally.counts["client-side errors"] += 1
-                tally.wrong.append(f"client error: {type(exc).__name__}: {exc}")
+                tally.wrong.append(f"client error in a {kind} request: {type(exc).__name__}: {exc}")
 
 
 def gateway_figures(pid: int) -> tuple[float, int]:
