@@ -2,6 +2,8 @@
 
     python benchmarks/soak.py                 # 60 s
     python benchmarks/soak.py --seconds 300 --concurrency 32
+    python benchmarks/soak.py --seconds 180 --without huge_event --sample 15
+    MALLOC_ARENA_MAX=2 python benchmarks/soak.py --probe /tmp/probe   # see benchmarks/gateway_probe.py
 
 Runs a loopback upstream in this process and ``netfly serve`` as a child process in front of it
 (127.0.0.1 only). Workers send, until the time is up:
@@ -13,8 +15,11 @@ Runs a loopback upstream in this process and ``netfly serve`` as a child process
   Authorization bytes, junk bodies and 64 KiB model names with control characters.
 
 Prints requests served, faults injected, hostile requests, the gateway's RSS and open file
-descriptors at start and end, and every request whose text was not exact (or that got a 5xx
-where none was due).
+descriptors at start, every ``--sample`` seconds (a curve that flattens is allocator high-water,
+one that keeps climbing is a leak) and at end, and every request whose text was not exact (or that
+got a 5xx where none was due). ``--without KIND`` leaves a fault kind out; the gateway inherits the
+environment (``MALLOC_ARENA_MAX`` and the like). ``--probe DIR`` runs the gateway under
+``gateway_probe.py``, which writes tracemalloc and object-count reports to DIR at start and end.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -81,9 +87,11 @@ async def upstream(request: web.Request) -> web.StreamResponse:
 
 
 class Tally:
-    def __init__(self) -> None:
+    def __init__(self, faults: tuple[str, ...] = FAULTS) -> None:
+        self.faults = faults
         self.counts: collections.Counter[str] = collections.Counter()
         self.wrong: list[str] = []
+        self.samples: list[tuple[float, float, int]] = []  # seconds in, RSS MiB, open FDs
 
 
 async def normal(session: aiohttp.ClientSession, url: str, tally: Tally) -> None:
@@ -105,7 +113,7 @@ async def normal(session: aiohttp.ClientSession, url: str, tally: Tally) -> None
 
 
 async def faulty(session: aiohttp.ClientSession, url: str, tally: Tally) -> None:
-    fault = random.choice(FAULTS)
+    fault = random.choice(tally.faults)
     body = {"model": fault, "messages": [{"role": "user", "content": "hi"}], "stream": random.random() < 0.5}
     async with session.post(url, json=body) as response:
         await response.read()
@@ -155,16 +163,17 @@ async def worker(port: int, deadline: float, tally: Tally) -> None:
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
         while time.monotonic() < deadline:
             roll = random.random()
+            kind = "normal" if roll < 0.7 else "faulty" if roll < 0.9 else "hostile"
             try:
-                if roll < 0.7:
+                if kind == "normal":
                     await normal(session, url, tally)
-                elif roll < 0.9:
+                elif kind == "faulty":
                     await faulty(session, url, tally)
                 else:
                     await hostile(port, url, session, tally)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 tally.counts["client-side errors"] += 1
-                tally.wrong.append(f"client error: {type(exc).__name__}: {exc}")
+                tally.wrong.append(f"client error in a {kind} request: {type(exc).__name__}: {exc}")
 
 
 def gateway_figures(pid: int) -> tuple[float, int]:
@@ -179,9 +188,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def start_gateway(upstream_url: str, port: int) -> asyncio.subprocess.Process:
+async def start_gateway(upstream_url: str, port: int, probe: str | None) -> asyncio.subprocess.Process:
+    runner = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "gateway_probe.py"), probe] if probe else [
+        "-m", "netfly"]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netfly", "serve", "--port", str(port), "--url", upstream_url, "--retries", "1",
+        sys.executable, *runner, "serve", "--port", str(port), "--url", upstream_url, "--retries", "1",
         "--header-timeout", "2", "--body-timeout", "2", "--keepalive-timeout", "5",
         env={**os.environ, "NETFLY_AUTH_TOKEN": TOKEN, "NETFLY_API_KEY": "upstream-key"},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -197,7 +208,28 @@ async def start_gateway(upstream_url: str, port: int) -> asyncio.subprocess.Proc
     raise SystemExit("netfly serve did not start")
 
 
-async def main(seconds: float, concurrency: int) -> int:
+async def sample(pid: int, every: float, tally: Tally) -> None:
+    start = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        tally.samples.append((time.monotonic() - start, *gateway_figures(pid)))
+
+
+async def probe_report(process: asyncio.subprocess.Process, probe: str | None, name: str) -> None:
+    """Ask gateway_probe.py for a report (SIGUSR1) and wait until it is written."""
+    if probe is None:
+        return
+    path = os.path.join(probe, f"{name}.txt")
+    with open(os.path.join(probe, "next"), "w") as marker:
+        marker.write(name)
+    process.send_signal(signal.SIGUSR1)
+    for _ in range(600):
+        if os.path.exists(path):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def main(seconds: float, concurrency: int, faults: tuple[str, ...], every: float, probe: str | None) -> int:
     logging.getLogger("aiohttp").setLevel(logging.CRITICAL)  # the upstream cuts streams on purpose
     app = web.Application(client_max_size=1 << 20)
     app.router.add_post("/{tail:.*}", upstream)
@@ -207,15 +239,19 @@ async def main(seconds: float, concurrency: int) -> int:
     await site.start()
     upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     port = free_port()
-    process = await start_gateway(upstream_url, port)
-    tally = Tally()
+    process = await start_gateway(upstream_url, port, probe)
+    tally = Tally(faults)
     try:
-        await worker(port, time.monotonic() + 3, Tally())  # warm-up, not counted
+        await worker(port, time.monotonic() + 3, Tally(faults))  # warm-up, not counted
         rss0, fds0 = gateway_figures(process.pid)
+        await probe_report(process, probe, "start")
         deadline = time.monotonic() + seconds
+        sampler = asyncio.create_task(sample(process.pid, every, tally))
         await asyncio.gather(*(worker(port, deadline, tally) for _ in range(concurrency)))
         await asyncio.sleep(3)  # let timed-out connections close
+        sampler.cancel()
         rss1, fds1 = gateway_figures(process.pid)
+        await probe_report(process, probe, "end")
     finally:
         process.terminate()
         await process.wait()
@@ -234,6 +270,8 @@ def report(tally: Tally, seconds: float, concurrency: int, start: tuple[float, i
         print(f"  {kind:28} {count}")
     print(f"gateway RSS  {start[0]:7.1f} MiB at start, {end[0]:7.1f} MiB at end")
     print(f"gateway FDs  {start[1]:7d} at start,     {end[1]:7d} at end")
+    curve = ", ".join(f"{t:.0f}s {rss:.1f}/{fds}" for t, rss, fds in tally.samples)
+    print(f"gateway RSS MiB/FDs over time: {curve}")
     print(f"requests not exact: {len(tally.wrong)}")
     for line in tally.wrong[:20]:
         print(f"  {line}")
@@ -243,5 +281,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--without", action="append", choices=FAULTS, default=[], metavar="FAULT",
+                        help=f"leave out a fault kind (repeatable): {', '.join(FAULTS)}")
+    parser.add_argument("--sample", type=float, default=10.0, metavar="SECONDS",
+                        help="record the gateway's RSS and FDs this often (default: 10)")
+    parser.add_argument("--probe", metavar="DIR", help="run the gateway under gateway_probe.py, reports in DIR")
     options = parser.parse_args()
-    sys.exit(asyncio.run(main(options.seconds, options.concurrency)))
+    kept = tuple(fault for fault in FAULTS if fault not in options.without)
+    sys.exit(asyncio.run(main(options.seconds, options.concurrency, kept, options.sample, options.probe)))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -128,6 +131,31 @@ def free_port() -> int:
 
 
 # -- the gateway -----------------------------------------------------------------------------------
+
+
+async def netfly_serve(*args: str, env: dict[str, str] | None = None,
+                       timeout: float = 30.0) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """Start ``netfly serve --port 0 ARGS`` and wait for its "listening" line: the process, the port
+    it bound and the log lines so far. Not a port guessed free beforehand: another process (a
+    parallel test run) could take it and answer in the gateway's place."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netfly", "serve", "--port", "0", *args, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        while not lines or not (found := re.search(r"listening on http://127\.0\.0\.1:(\d+)", lines[-1])):
+            line = await asyncio.wait_for(process.stderr.readline(), timeout)
+            if not line:
+                raise AssertionError("netfly serve ended before listening: " + "".join(lines))
+            lines.append(line.decode())
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process, int(found.group(1)), lines
+
 
 TOKEN = "gw-token-5b1c9e"
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +20,7 @@ from netfly import FreeNetfly, OpenAICompatible, Timeout
 from netfly.gateway import create_app
 from netfly.providers.local import is_available
 
-from .conftest import TOKEN, Gateway, ScriptedServer, answer, chunk, sse, stream_bytes
+from .conftest import TOKEN, Gateway, ScriptedServer, answer, chunk, netfly_serve, sse, stream_bytes
 
 UPSTREAM_KEY = "sk-upstream-secret-7d2f"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -739,25 +737,15 @@ def test_create_app_rejects_bad_settings() -> None:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-async def test_netfly_serve_command(scripted: Scripted, free_port: int, stop_signal: signal.Signals) -> None:
+async def test_netfly_serve_command(scripted: Scripted, stop_signal: signal.Signals) -> None:
     upstream = await scripted(replying(text_answer("served")))
-    env = {**os.environ, "NETFLY_AUTH_TOKEN": TOKEN}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netfly", "serve", "--port", str(free_port), "--url", upstream.url,
-        "--retries", "1", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
+    # The signal goes out as soon as the gateway says it listens: its handler must be in place by then.
+    process, port, head = await netfly_serve("--url", upstream.url, "--retries", "1",
+                                             env={"NETFLY_AUTH_TOKEN": TOKEN})
     try:
-        gw = Gateway(f"http://127.0.0.1:{free_port}")
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(gw.url + "/health") as response:
-                        assert response.status == 401  # the token from the environment is required
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("netfly serve did not start")
+        gw = Gateway(f"http://127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as session, session.get(gw.url + "/health") as response:
+            assert response.status == 401  # the token from the environment is required
         async with gw.client() as client:
             completion = await client.chat.completions.create(model="m", messages=MESSAGES)
         assert completion.choices[0].message.content == "served"
@@ -768,7 +756,22 @@ async def test_netfly_serve_command(scripted: Scripted, free_port: int, stop_sig
             process.kill()
             await process.wait()
     assert process.returncode == 0
-    log = stderr.decode()
-    assert f"listening on http://127.0.0.1:{free_port}" in log
+    log = "".join(head) + stderr.decode()
+    assert f"listening on http://127.0.0.1:{port}" in log
     assert "GET /health 401 " in log and "POST /v1/chat/completions 200 " in log
     assert TOKEN not in log
+
+
+async def test_netfly_serve_stops_gracefully_on_sigterm_sent_as_it_starts_listening(scripted: Scripted) -> None:
+    upstream = await scripted(replying(text_answer("served")))
+    for _ in range(3):  # a race: with the handler installed after the line, about 2 runs in 3 died
+        process, _, _ = await netfly_serve("--url", upstream.url, env={"NETFLY_AUTH_TOKEN": TOKEN})
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), 15)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0  # not -15: the default action of a signal with no handler yet
+        assert "gateway stopped" in stderr.decode()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
-from .conftest import ScriptedServer, chunk, sse
+from .conftest import ScriptedServer, chunk, netfly_serve, sse
 
 TOKEN = "gw-token-shutdown-9c2e"
 GRACE = 1.0
@@ -36,21 +34,10 @@ def _slow_answer(pieces: int, delay: float, first_delay: float = 0.0) -> Callabl
     return handler
 
 
-async def _serve(upstream: ScriptedServer, port: int) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netfly", "serve", "--port", str(port), "--url", upstream.url, "--retries", "1",
-        "--shutdown-grace", str(GRACE), env={**os.environ, "NETFLY_AUTH_TOKEN": TOKEN},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/health"):
-                    return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError("netfly serve did not start")
+async def _serve(upstream: ScriptedServer) -> tuple[asyncio.subprocess.Process, int]:
+    process, port, _ = await netfly_serve("--url", upstream.url, "--retries", "1", "--shutdown-grace", str(GRACE),
+                                          env={"NETFLY_AUTH_TOKEN": TOKEN})
+    return process, port
 
 
 async def _chat(session: aiohttp.ClientSession, port: int, events: list[str]) -> int:
@@ -67,9 +54,9 @@ async def _chat(session: aiohttp.ClientSession, port: int, events: list[str]) ->
         return response.status
 
 
-async def test_sigterm_lets_short_streams_finish_and_cuts_long_ones_in_band(scripted: Scripted, free_port: int) -> None:
+async def test_sigterm_lets_short_streams_finish_and_cuts_long_ones_in_band(scripted: Scripted) -> None:
     upstream = await scripted(_slow_answer(6, 0.1), _slow_answer(100, 0.1), _slow_answer(1, 0.0, first_delay=30))
-    process = await _serve(upstream, free_port)
+    process, port = await _serve(upstream)
     short: list[str] = []
     long: list[str] = []
     unstarted: list[str] = []
@@ -77,7 +64,7 @@ async def test_sigterm_lets_short_streams_finish_and_cuts_long_ones_in_band(scri
         async with aiohttp.ClientSession() as session:
             tasks = []
             for events in (short, long, unstarted):  # one at a time: each meets its own upstream script
-                tasks.append(asyncio.create_task(_chat(session, free_port, events)))
+                tasks.append(asyncio.create_task(_chat(session, port, events)))
                 while len(upstream.requests) < len(tasks):
                     await asyncio.sleep(0.01)
             while len(long) < 3:

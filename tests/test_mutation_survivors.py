@@ -3,14 +3,12 @@ fields a user sees, defaults that must stay ``None``, boundaries. Each test name
 
 Kill rates and how they were measured (``tools/mutation.py``, every mutant) are in README
 "Reliability". Equivalent mutants left alive (no test can tell them from the original):
-- sse.py (27): ``_buffer``/``_pending_cr``/``_bom_checked`` set to ``None`` instead of ``b""``/
+- sse.py (23): ``_buffer``/``_pending_cr``/``_bom_checked`` set to ``None`` instead of ``b""``/
   ``False`` (init, ``feed``, ``flush``): only ever tested for truth. ``_event = ""`` instead of
   ``None`` (init, ``_dispatch``, ``_drop_event``, ``feed``): read only as ``event or "message"``.
   ``"UTF-8"`` for ``"utf-8"`` (3): codec names ignore case. ``_dispatch`` joining a single line:
   the same bytes. ``_fold``: ``head = None`` / ``data[1]``: the other branch joins the same bytes.
-  ``_process_line``'s ``if not line`` branch (``_dispatch(None)``, ``return 1``) and the
-  ``events`` → ``None`` arguments in ``feed``/``flush``: unreachable, no caller passes an empty
-  line. ``0x3A`` → ``59``: a line starting with ``;`` is ignored either way (comment or unknown
+  ``0x3A`` → ``59``: a line starting with ``;`` is ignored either way (comment or unknown
   field), and ``:`` lines become an ignored empty field. ``feed``: the ``+ chunk`` with an empty
   buffer, ``len(buf) <= 3`` / ``< 4`` (a whole BOM is held one read longer, then stripped the
   same), ``>=`` in the gate before the exact length check, the ``data: `` fast path off

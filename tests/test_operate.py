@@ -10,7 +10,6 @@ import logging
 import random
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,9 +24,10 @@ from aiohttp import web
 from netfly.config import parse_config
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.keys import MemoryStore
+from netfly.gateway.metrics import DEFAULT_MAX_MODELS, OTHER_MODELS
 from netfly.gateway.operations import Operations
 
-from .conftest import ScriptedServer, chunk, sse
+from .conftest import ScriptedServer, chunk, netfly_serve, sse
 
 Scripted = Callable[..., Awaitable[ScriptedServer]]
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -321,6 +321,23 @@ async def test_metrics_count_requests_attempts_and_time_to_first_token(
     assert 'netfly_circuit_breaker_state{model="m",provider="p0"} 2.0' in lines  # two failures in a row: open
 
 
+async def test_metrics_keep_a_bounded_number_of_model_labels(scripted: Scripted, serve_config: Any) -> None:
+    # A pass-through provider takes any model name; each label set stays in /metrics (and memory) for good.
+    up = await scripted(named_answer("X", pieces=1))
+    gw = await serve_config({"providers": providers(up), "keys": KEYS})
+    names = [f"model-{n}" for n in range(DEFAULT_MAX_MODELS + 20)]
+    async with gw.client() as client:
+        for batch in range(0, len(names), 10):
+            await asyncio.gather(*(client.chat.completions.create(model=name, messages=MESSAGES)
+                                   for name in names[batch : batch + 10]))
+    _, _, text = await gw.raw("GET", "/metrics", None)
+    counts = {line.split('model="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("netfly_requests_total{")}
+    assert len(counts) == DEFAULT_MAX_MODELS + 1
+    assert counts[OTHER_MODELS] == 20.0  # the later names, counted together
+    assert 'netfly_streams_in_flight{model="(other)"} 0.0' in text.splitlines()
+
+
 async def test_json_request_log_names_the_key_never_the_key_or_content(
     scripted: Scripted, serve_config: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -387,16 +404,12 @@ async def test_reload_under_load_cuts_no_stream(scripted: Scripted, serve_config
 
 async def test_netfly_serve_config_reloads_on_sighup(scripted: Scripted, tmp_path: Path) -> None:
     first, second = await scripted(named_answer("one")), await scripted(named_answer("two"))
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     path = tmp_path / "netfly.toml"
     path.write_text(f"[server]\nport = 1\nmetrics_port = {metrics_port}\n" + config_text(first, {"alice": ALICE}))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netfly", "serve", "--config", str(path), "--port", str(port), "--log-format", "json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
+    process, port, _ = await netfly_serve("--config", str(path), "--log-format", "json")
     try:
         gw = Running(f"http://127.0.0.1:{port}")
-        await wait_until_serving(gw)
         assert await gw.ask("m") == "one one "
         path.write_text("[models.broken\n")
         process.send_signal(signal.SIGHUP)

@@ -96,7 +96,7 @@ class SSEDecoder:
                 data.append(line[6:])
                 size += len(line) - 5
             elif line:
-                size += self._process_line(line, events)
+                size += self._process_line(line)
             elif data:
                 if size > budget:
                     self._event_too_large()
@@ -117,7 +117,7 @@ class SSEDecoder:
         self._pending_cr = False
         if self._buffer:
             line, self._buffer = self._buffer, b""
-            self._data_size += self._process_line(line, events)
+            self._data_size += self._process_line(line)
             if self._data_size > self.max_event_bytes + 1:
                 self._event_too_large()
         self._dispatch(events)
@@ -159,11 +159,9 @@ class SSEDecoder:
             head = bytearray(b"\n".join(data))
         data[:] = [head]
 
-    def _process_line(self, line: bytes, events: list[ServerSentEvent]) -> int:
-        """Apply one non-``data: `` line; returns the bytes it added to the pending data."""
-        if not line:
-            self._dispatch(events)
-            return 0
+    def _process_line(self, line: bytes) -> int:
+        """Apply one line, never blank (a blank line ends an event: the callers handle it); returns
+        the bytes it added to the pending data."""
         if line[0] == 0x3A:  # ":" starts a comment (keep-alives such as ": ping")
             return 0
         field, colon, value = line.partition(b":")

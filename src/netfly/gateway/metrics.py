@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics (``GET /metrics``), made with the official ``prometheus-client``.
 
 Every app has its own registry, so two gateways in one process do not mix their figures. Labels
-are bounded: routes are the app's route patterns, models the public names, keys the configured
-key names, providers the configured providers.
+are bounded: routes are the app's route patterns, keys the configured key names, providers the
+configured providers, models the first ``max_models`` public names seen (a pass-through provider
+takes any name a client sends, and every label set is kept for good: about 16 KiB each), the others
+counted together as ``(other)``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+DEFAULT_MAX_MODELS = 100
+OTHER_MODELS = "(other)"
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -47,7 +51,10 @@ class GatewayMetrics:
     """The counters, histograms and gauges of one gateway."""
 
     def __init__(self, breakers: Callable[[], Mapping[str, CircuitBreakers]],
-                 state: Callable[[], Mapping[str, Any]] = lambda: {"shared": False}) -> None:
+                 state: Callable[[], Mapping[str, Any]] = lambda: {"shared": False},
+                 max_models: int = DEFAULT_MAX_MODELS) -> None:
+        self.max_models = max_models
+        self._models: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = _Labelled(Counter(
@@ -74,6 +81,16 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def model_label(self, model: str) -> str:
+        """``model`` itself if it is one of the first ``max_models`` names seen, else ``(other)``.
+        A name keeps its answer for good, so an in-flight gauge goes up and down on the same label."""
+        if model in self._models:
+            return model
+        if len(self._models) >= self.max_models:
+            return OTHER_MODELS
+        self._models.add(model)
+        return model
 
     def observe_stream(self, model: str, stats: StreamStats) -> None:
         """Attempts by provider and outcome, and the time to first token, of one answer."""

@@ -213,25 +213,26 @@ class Operations:
         """The upstream stream exists: its stats and result are read when the request ends."""
         record: RequestRecord = request[_RECORD]
         record.stream = stream
-        self.metrics.in_flight.labels(record.model or "").inc()
+        self.metrics.in_flight.labels(self.metrics.model_label(record.model or "")).inc()
 
     # -- the end of a request ------------------------------------------------------------------
 
     async def _settle(self, record: RequestRecord) -> None:
         model, key_name = record.model or "", record.key.name if record.key else ""
+        label = self.metrics.model_label(model)
         stream = record.stream
         if stream is not None:
             record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
-            self.metrics.in_flight.labels(model).dec()
-            self.metrics.observe_stream(model, stream.stats)
-            self.metrics.tokens.labels(model, "prompt").observe(tokens.prompt)
-            self.metrics.tokens.labels(model, "completion").observe(tokens.completion)
+            self.metrics.in_flight.labels(label).dec()
+            self.metrics.observe_stream(label, stream.stats)
+            self.metrics.tokens.labels(label, "prompt").observe(tokens.prompt)
+            self.metrics.tokens.labels(label, "completion").observe(tokens.completion)
             if record.key is not None:
                 await self.usage.record(key_name, model, tokens)
         if record.admission is not None:
             await record.admission.finish(record.tokens.total if record.tokens else 0)
-        self.metrics.requests.labels(record.route, model, key_name, str(record.status)).inc()
-        self.metrics.duration.labels(record.route, model).observe(time.monotonic() - record.started)
+        self.metrics.requests.labels(record.route, label, key_name, str(record.status)).inc()
+        self.metrics.duration.labels(record.route, label).observe(time.monotonic() - record.started)
         self.log.write(record)
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -86,22 +87,39 @@ async def serve(
     reuse_port: bool = False,
 ) -> None:
     """Serve ``app`` until SIGTERM, SIGINT or cancellation, then close every connection."""
-    runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits, reuse_port=reuse_port)
-    logger.info("gateway listening on http://%s:%d", _url_host(host), bound_port(runner))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    installed = []
-    for signum in (signal.SIGTERM,):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows, non-main thread
-            loop.add_signal_handler(signum, stop.set)
-            installed.append(signum)
+    # Before listening: whoever sees the port answer (or the "listening" line) may send SIGTERM at
+    # once, and it must stop the gateway gracefully, not kill it with the default action.
+    installed = _on_signals(loop, (signal.SIGTERM,), stop.set)
+    try:
+        runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits,
+                             reuse_port=reuse_port)
+    except BaseException:
+        _off_signals(loop, installed)
+        raise
+    logger.info("gateway listening on http://%s:%d", _url_host(host), bound_port(runner))
     try:
         await stop.wait()
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        _off_signals(loop, installed)  # a second SIGTERM during the grace ends the process at once
         await runner.cleanup()
         logger.info("gateway stopped")
+
+
+def _on_signals(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...],
+                callback: Callable[[], None]) -> list[signal.Signals]:
+    installed = []
+    for signum in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows, non-main thread
+            loop.add_signal_handler(signum, callback)
+            installed.append(signum)
+    return installed
+
+
+def _off_signals(loop: asyncio.AbstractEventLoop, installed: list[signal.Signals]) -> None:
+    for signum in installed:
+        loop.remove_signal_handler(signum)
 
 
 class _GuardedSite(web.BaseSite):
