@@ -5,7 +5,8 @@
     python benchmarks/gateway.py --targets direct,netfly,netfly-limits   # a subset
 
 Starts the upstream (benchmarks/server.py), ``netfly serve`` twice (flags only; a config file with a
-key, limits and metrics), and — when installed — LiteLLM's proxy (``litellm --config``, one worker,
+key, limits and metrics), a bare aiohttp relay (benchmarks/aiohttp_relay.py: bytes passed on unread,
+the floor of any aiohttp gateway), and — when installed — LiteLLM's proxy (``litellm --config``, one worker,
 no database) and g4f's API server (benchmarks/g4f_api.py), each in its own process. Every
 measurement runs in a fresh client process (benchmarks/gateway_client.py, raw aiohttp) that checks
 the exact text; targets are interleaved so a noisy neighbour hurts them all alike. The gateway's CPU

@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["RedisBench", "redis_errors"]
+__all__ = ["RedisBench", "cancel_and_wait", "redis_errors"]
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -60,10 +61,7 @@ class RedisBench:
         self._listener = asyncio.create_task(self._listen())
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *([self._listener] if self._listener else [])]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([*self._tasks, *([self._listener] if self._listener else [])])
 
     def _note(self, name: str, seconds: float, reason: str) -> None:
         if seconds <= 0:
@@ -119,3 +117,24 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import RedisError
 
     return OSError, asyncio.TimeoutError, RedisError
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], patience: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait until they end. redis-py can swallow a cancellation (while it opens a
+    connection or a subscription): such a task is cancelled again, and after ``patience`` seconds it is
+    left behind rather than waited for forever (a gateway that cannot stop is worse)."""
+    tasks = list(tasks)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            logger.warning("%d Redis task(s) did not stop when cancelled; leaving them", len(pending))
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, remaining))
+    for task in tasks:  # their errors are of no use now, but must be collected
+        if task.done() and not task.cancelled():
+            task.exception()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
-from .bench import RedisBench, redis_errors
+from .bench import RedisBench, cancel_and_wait, redis_errors
 from .keys import Bucket, MemoryStore, StateStore
 
 __all__ = ["DEFAULT_LEASE_TTL", "DEFAULT_STATE_TIMEOUT", "RedisStore", "describe_url"]
@@ -162,11 +162,7 @@ class RedisStore(StateStore):
 
     async def close(self) -> None:
         await self.bench.stop()
-        for task in (self._keeper, self._beating):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait([task for task in (self._keeper, self._beating) if task is not None])
         await self.client.aclose()
 
     async def _keep(self) -> None:
