@@ -206,6 +206,7 @@ async def test_a_client_that_hangs_up_at_the_end_of_the_answer_frees_its_slot_an
     assert statuses == [200, 200, 200]  # max_streams=2: no slot was left taken by the 20 that hung up
     assert usage["requests"] == 23
 
+
 async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_server: RedisServer) -> None:
     upstream = await scripted(named_answer("hi"))
     gw, runner = await gateway_on_redis(redis_server, upstream, rpm=1000)

@@ -121,20 +121,19 @@ def redis_errors() -> tuple[type[BaseException], ...]:
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], patience: float = 2.0) -> None:
     """Cancel ``tasks`` and wait until they end. redis-py can swallow a cancellation (while it opens a
-    connection or a subscription): such a task is cancelled again, and after ``patience`` seconds it is
-    left behind rather than waited for forever (a gateway that cannot stop is worse)."""
+    connection or a subscription): a task still running after half of ``patience`` is cancelled once
+    more (not sooner: a second cancellation would cut its own clean-up short and leak its socket), and
+    after ``patience`` it is left behind rather than waited for forever."""
     tasks = list(tasks)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
     pending = set(tasks)
-    while pending:
+    for _ in range(2):
+        if not pending:
+            break
         for task in pending:
             task.cancel()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            logger.warning("%d Redis task(s) did not stop when cancelled; leaving them", len(pending))
-            return
-        _, pending = await asyncio.wait(pending, timeout=min(0.1, remaining))
+        _, pending = await asyncio.wait(pending, timeout=patience / 2)
+    if pending:
+        logger.warning("%d Redis task(s) did not stop when cancelled; leaving them", len(pending))
     for task in tasks:  # their errors are of no use now, but must be collected
         if task.done() and not task.cancelled():
             task.exception()
