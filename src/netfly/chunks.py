@@ -18,15 +18,16 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, TypeAlias
 
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
 from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Usage
 from .redact import clip
-from .sse import ServerSentEvent
+from .sse import ServerSentEvent, SSEDecoder
 
-__all__ = ["DONE", "READ_END", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
+__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
 
 logger = logging.getLogger("netfly")
 
@@ -35,8 +36,6 @@ _QUOTED = 200  # characters of a malformed chunk quoted in a warning or error
 
 # What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
 Item: TypeAlias = "str | list[Event]"
-# The item an attempt yields after the items of each upstream read: no events, only "a read ended".
-READ_END: list[Event] = []
 
 _NOT_EXTRA_TOP = frozenset({"id", "model", "created", "system_fingerprint", "object", "choices", "usage"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
@@ -47,6 +46,9 @@ _CALL_KEYS = frozenset({"index", "id", "type", "function"})
 # The json module's own string scanner (C, in every CPython since 2.6, not in typeshed): it reads one
 # JSON string, escapes and all, about as fast as a check by hand and faster than any loads().
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+# The json module's parser (the same C string scanner), not orjson's: the texts must be the ones
+# _json_string would give, lone surrogate escapes included.
+_json_loads_strict: Callable[[str], Any] = json.loads
 _CONTENT_STRING = re.compile(r'"content": *("(?:[^"\\]|\\.)*")')
 
 
@@ -59,7 +61,7 @@ class ChunkInterpreter:
     """Turns events of one attempt into text or typed events; keeps what is needed across chunks."""
 
     __slots__ = ("strict", "secrets", "done", "finished", "malformed_chunks", "_top", "_meta", "_plain_choice",
-                 "_around")
+                 "_around", "_plain_line")
 
     def __init__(self, *, strict: bool = False, secrets: tuple[str, ...] = ()) -> None:
         self.strict = strict
@@ -73,6 +75,7 @@ class ChunkInterpreter:
         # The text of the last fast-path chunk, as sent, around its content string: a chunk that is
         # the same text around another JSON string is the same chunk with other text (no parsing).
         self._around: tuple[str, str] | None = None
+        self._plain_line: tuple[tuple[str, str], bytes, bytes] | None = None  # _around, as bytes of a line
 
     def interpret(self, event: ServerSentEvent) -> Item | None:
         """The text or events this server-sent event carries; ``None`` when it carries none."""
@@ -101,6 +104,52 @@ class ChunkInterpreter:
         if type(item) is str and around is None:
             self._around = _around_content(data)
         return item
+
+    def interpret_read(self, raw: bytes, decoder: SSEDecoder, items: list[Item]) -> None:
+        """Append the items of one read of the stream, decoded by ``decoder``, to ``items`` (those before
+        an error are there when it is raised). Its whole events go in one pass when they are all plain
+        text chunks (nearly every read of a long answer), else event by event."""
+        texts, events = decoder.feed_whole(raw, self.interpret_plain)
+        items += texts
+        self.interpret_events(events, items)
+
+    def interpret_events(self, events: list[ServerSentEvent], items: list[Item]) -> None:
+        """Append the items of ``events`` to ``items``, up to ``[DONE]``."""
+        interpret = self.interpret
+        for event in events:
+            item = interpret(event)
+            if item is not None:
+                items.append(item)
+            elif self.done:
+                return
+
+    def interpret_plain(self, events: bytes) -> list[str] | None:
+        """The texts of ``events`` (whole server-sent events as sent, see :meth:`SSEDecoder.feed_whole`)
+        when each is one ``data:`` line holding a plain text chunk shaped as the last one (the same bytes
+        around its content string), read in one pass; ``None`` when any is not: interpret them one by
+        one. Empty texts are left out, as :meth:`interpret` does."""
+        around = self._around_bytes()
+        if around is None:
+            return None
+        head, tail = around
+        # A line more in some event holds a newline between the head and tail of its line: the JSON
+        # parse below refuses it there.
+        lines = events[:-2].split(b"\n\n")
+        # C loops over the lines (map, set): a Python step per event would cost what this saves.
+        if set(map(itemgetter(slice(len(head))), lines)) != {head}:
+            return None
+        if set(map(itemgetter(slice(-len(tail), None)), lines)) != {tail}:
+            return None
+        return _json_strings(b"\n,".join(map(itemgetter(slice(len(head), -len(tail))), lines)), len(lines))
+
+    def _around_bytes(self) -> tuple[bytes, bytes] | None:
+        """The fast path's text around a content string, as the bytes of a line: ``data:`` and all."""
+        around = self._around
+        if around is None:
+            return None
+        if self._plain_line is None or self._plain_line[0] is not around:
+            self._plain_line = (around, ("data: " + around[0]).encode(), around[1].encode())
+        return self._plain_line[1:]
 
     def interpret_chunk(self, chunk: dict[str, Any]) -> Item | None:
         """Apply one parsed ``chat.completion.chunk`` object (it is modified: ``choices`` is taken out)."""
@@ -286,6 +335,22 @@ def _json_string(value: str) -> str | None:
     except json.JSONDecodeError:
         return None
     return text if end == len(value) else None
+
+
+def _json_strings(joined: bytes, count: int) -> list[str] | None:
+    """The non-empty strings of ``joined``, ``count`` values joined by ``\\n,``, when each is exactly
+    one JSON string, else ``None``. One parse of them all as an array can only stand for their parse
+    one by one when none starts or ends inside a string (a raw newline is illegal there) and each is one
+    whole string (quotes at both ends; as many elements, all strings, as values)."""
+    if joined[:1] != b'"' or joined[-1:] != b'"' or joined.count(b'"\n,"') != count - 1:
+        return None
+    try:
+        texts = _json_loads_strict("[" + joined.decode() + "]")  # strict UTF-8, as an event's own decoding is not
+    except ValueError:
+        return None
+    if len(texts) != count or not all(type(t) is str for t in texts):
+        return None
+    return list(filter(None, texts))
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -491,7 +491,7 @@ async def _until_output(stream: ChatStream) -> tuple[list[Item], bool]:
     items: list[Item] = []
     while not stream.delivered:
         try:
-            items.append(await stream._next_noted())
+            items += await stream._next_noted()
         except StopAsyncIteration:
             return items, True
     return items, False
@@ -511,7 +511,7 @@ class RoutedStream(ChatStream):
         stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
         super().__init__(plan.first_call.request, stats=stats)
 
-    async def _source(self) -> AsyncGenerator[Item, None]:
+    async def _source(self) -> AsyncGenerator[list[Item], None]:
         stats, book = self.stats, self.router.breakers
         self._started = started = time.monotonic()
         errors: dict[str, BaseException] = {}
@@ -530,8 +530,8 @@ class RoutedStream(ChatStream):
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
             items, ended = winner.first.result()
-            for item in items:
-                yield item
+            if items:
+                yield items
             while not ended:
                 try:
                     yield await winner.stream._next_noted()

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from . import _json
-from .chunks import READ_END, ChunkInterpreter, Item
+from .chunks import ChunkInterpreter, Item, as_events
 from .errors import (
     LocalServerError,
     NetflyError,
@@ -40,6 +40,7 @@ logger = logging.getLogger("netfly")
 
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
 _JOIN_EVERY = 128  # text pieces kept apart before they are joined into one block
+_ONLY_TEXT = {str}
 
 
 @dataclass
@@ -123,8 +124,9 @@ class ChatStream:
         self._started = 0.0  # monotonic time the source started; set by the source
         self._events_mode = False
         self._accumulate(ChatAccumulator())
-        self._items = self._source()
-        self._next_item = self._items.__anext__
+        self._items = self._source()  # one list of items per upstream read
+        self._next_read = self._items.__anext__
+        self._pending: Iterator[Item] = iter(())  # what text iteration has not returned of the last read
 
     # -- iteration -----------------------------------------------------------------------------
 
@@ -133,58 +135,44 @@ class ChatStream:
 
     async def __anext__(self) -> str:
         while True:
-            item = await self._next_item()
-            if isinstance(item, str):
-                self._note_text(item)
-                return item
-            text = self._note_events(item)
-            if text:
-                return text
+            for item in self._pending:
+                if isinstance(item, str):
+                    self._note_text(item)
+                    return item
+                text = self._note_events(item)
+                if text:
+                    return text
+            self._pending = iter(await self._next_read())
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """The answer as typed events, in order: :class:`ChunkMeta`, :class:`ChoiceDelta` and
         :class:`Usage` (see :mod:`netfly.events`), finish reasons and usage included."""
-        if self._events_mode or self._started:
-            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
-        self._events_mode = True
-        try:
-            async for item in self._items:
-                if isinstance(item, str):
-                    self._note_text(item)
-                    yield ChoiceDelta(text=item)
-                else:
-                    self._note_events(item)
-                    for event in item:
-                        yield event
-        finally:
-            await self.aclose()
+        async with aclosing(self.event_batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
 
     async def event_batches(self) -> AsyncGenerator[list[Event], None]:
         """:meth:`events` grouped by upstream read: all the events one read completed, in one list.
 
         A relay that writes each list at once sends as soon as :meth:`events` would, in far fewer writes.
         """
+        async with aclosing(self.reads()) as reads:
+            async for read in reads:
+                yield [event for item in read for event in as_events(item)]
+
+    async def reads(self) -> AsyncGenerator[list[Item], None]:
+        """:meth:`event_batches` as the engine has them: each item a text of choice 0 alone (``str``: a
+        plain chunk, nearly every one of a long answer) or a list of events (see
+        :func:`netfly.chunks.as_events`). The cheapest way to relay a stream: a run of texts can be
+        encoded at once."""
         if self._events_mode or self._started:
             raise RuntimeError("a stream is iterated once: for text or for events(), not both")
         self._events_mode = True
-        batch: list[Event] = []
         try:
-            async for item in self._items:
-                if isinstance(item, str):
-                    self._note_text(item)
-                    batch.append(ChoiceDelta(text=item))
-                elif item:
-                    self._note_events(item)
-                    batch += item
-                elif batch:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
-        except Exception:
-            if batch:  # what came before the error is still delivered, then the error
-                yield batch
-            raise
+            async for read in self._items:
+                self._note_read(read)
+                yield read
         finally:
             await self.aclose()
 
@@ -218,12 +206,15 @@ class ChatStream:
             stats.time_to_first_token = time.monotonic() - self._started
         stats.chunks += 1
         stats.characters += len(text)
+        self._parts.append(text)
+        self._join_parts()
+
+    def _join_parts(self) -> None:
         parts = self._parts
-        parts.append(text)
         if len(parts) - self._joined >= _JOIN_EVERY:
             # A few characters each, the pieces cost ~70 bytes apiece: a long answer (or hundreds of
             # them in a gateway) is kept as blocks of joined text instead, each piece copied once.
-            parts[self._joined:] = ["".join(parts[self._joined:])]
+            parts[self._joined :] = ["".join(parts[self._joined :])]
             self._joined += 1
 
     def _note_events(self, events: list[Event]) -> str | None:
@@ -241,14 +232,31 @@ class ChatStream:
                         text = event.text if text is None else text + event.text
         return text
 
-    async def _next_noted(self) -> Item:
-        """The next item, accounted for: how a router reads the stream of the provider it chose."""
-        item = await self._next_item()
-        if isinstance(item, str):
-            self._note_text(item)
-        else:
-            self._note_events(item)
-        return item
+    def _note_read(self, read: list[Item]) -> None:
+        if set(map(type, read)) == _ONLY_TEXT:  # nearly every read of a long answer: no step per text
+            self._note_texts(cast("list[str]", read))
+            return
+        for item in read:
+            if isinstance(item, str):
+                self._note_text(item)
+            else:
+                self._note_events(item)
+
+    def _note_texts(self, texts: list[str]) -> None:
+        """:meth:`_note_text` of each of ``texts``, at once."""
+        stats = self.stats
+        if stats.time_to_first_token is None:
+            stats.time_to_first_token = time.monotonic() - self._started
+        stats.chunks += len(texts)
+        stats.characters += sum(map(len, texts))
+        self._parts += texts
+        self._join_parts()
+
+    async def _next_noted(self) -> list[Item]:
+        """The next read's items, accounted for: how a router reads the stream of the provider it chose."""
+        read = await self._next_read()
+        self._note_read(read)
+        return read
 
     @property
     def delivered(self) -> bool:
@@ -275,7 +283,7 @@ class ChatStream:
 
     # -- the source: retries around whole attempts ---------------------------------------------
 
-    async def _source(self) -> AsyncGenerator[Item, None]:
+    async def _source(self) -> AsyncGenerator[list[Item], None]:
         request, stats = self.request, self.stats
         await self._prepare()
         self._started = started = time.monotonic()
@@ -292,9 +300,9 @@ class ChatStream:
                 try:
                     # aclosing: leaving early closes the attempt (and its connection) right here,
                     # not whenever the garbage collector gets to it.
-                    async with aclosing(self._attempt(interpreter, deadline)) as items:
-                        async for item in items:
-                            yield item
+                    async with aclosing(self._attempt(interpreter, deadline)) as reads:
+                        async for read in reads:
+                            yield read
                 except NetflyError as exc:
                     error = await self._explain(_scrub_error(exc, request.secrets))
                 else:
@@ -334,7 +342,9 @@ class ChatStream:
         self._accumulate(ChatAccumulator())  # nothing of the failed attempt was output: forget it
         await asyncio.sleep(delay)
 
-    async def _attempt(self, interpreter: ChunkInterpreter, deadline: float | None) -> AsyncGenerator[Item, None]:
+    async def _attempt(
+        self, interpreter: ChunkInterpreter, deadline: float | None
+    ) -> AsyncGenerator[list[Item], None]:
         request = self.request
         remaining = None
         if deadline is not None:
@@ -351,7 +361,7 @@ class ChatStream:
         try:
             content_type = response.content_type
             if content_type == "application/json":
-                yield await self._whole_answer(response, interpreter)
+                yield [await self._whole_answer(response, interpreter)]
                 return
             if content_type == "text/html":
                 snippet = (await response.read(2048)).decode("utf-8", "replace")
@@ -360,22 +370,23 @@ class ChatStream:
                     f"{clip(snippet, 200, request.secrets)!r}"
                 )
             decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
-            interpret = interpreter.interpret
             async for raw in response:
-                for event in decoder.feed(raw):
-                    item = interpret(event)
-                    if item is not None:
-                        yield item
-                    elif interpreter.done:
-                        break
-                yield READ_END  # this read's items are all out: a relay may write them at once
+                items: list[Item] = []
+                try:
+                    interpreter.interpret_read(raw, decoder, items)
+                except NetflyError:
+                    if items:  # what came before the error is still delivered, then the error
+                        yield items
+                    raise
+                if items:
+                    yield items  # a read's items together: a relay writes them at once
                 if interpreter.done:
                     break
             else:
-                for event in decoder.flush():
-                    item = interpret(event)
-                    if item is not None:
-                        yield item
+                items = []
+                interpreter.interpret_events(decoder.flush(), items)
+                if items:
+                    yield items
                 if not interpreter.done and not interpreter.finished:
                     logger.warning(
                         "%s: stream ended without [DONE] or finish_reason; the answer may be incomplete",

@@ -285,7 +285,7 @@ class Gateway:
             async with stream:
                 if call.stream:
                     return await self._relay(request, stream, encoder)
-                async for _ in stream.events():
+                async for _ in stream.reads():
                     pass  # the stream assembles its own result
                 assert stream.result is not None
                 return web.json_response(whole(stream.result), dumps=_dumps)
@@ -296,7 +296,7 @@ class Gateway:
     async def _relay(self, request: web.Request, stream: ChatStream, encoder: StreamEncoder) -> web.StreamResponse:
         channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
-            await relay(channel, stream.event_batches(), encoder, lambda: stream.result is not None)
+            await relay(channel, stream.reads(), encoder, lambda: stream.result is not None)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream stream (``async with`` in the caller).
             _note("client disconnected")

@@ -75,6 +75,12 @@ class ChatChunkEncoder:
         self._set_meta(self.meta)
         return b""
 
+    def encode_texts(self, texts: list[str]) -> bytes:
+        """:meth:`encode` of a text-only delta of choice 0 for each of ``texts`` (none empty), at once."""
+        prefix = self._text_prefix or self._text_template()
+        suffix = self._text_suffix
+        return prefix + (suffix + prefix).join(map(_json.dumps, texts)) + suffix
+
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         obj = {**self._head, "choices": choices}
         if self.include_usage:

@@ -210,6 +210,9 @@ class MessagesEncoder:
     def start(self) -> bytes:
         return self._event("message_start", {"message": self.builder.message(None)})
 
+    def encode_texts(self, texts: list[str]) -> bytes:
+        return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+
     def encode(self, event: Event) -> bytes:
         self.accumulator.add(event)
         if not isinstance(event, ChoiceDelta) or event.index != 0:

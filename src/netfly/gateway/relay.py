@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, cast
 
 from aiohttp import web
 
-from ..events import Event
+from ..chunks import Item
+from ..events import ChoiceDelta, Event
 from .errors import ErrorInfo
 
+_ONLY_TEXT = {str}
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 DEFAULT_KEEPALIVE = 15.0
 SSE_HEADERS = {
@@ -32,6 +34,7 @@ class StreamEncoder(Protocol):
 
     def start(self) -> bytes: ...  # sent with the head
     def encode(self, event: Event) -> bytes: ...  # empty when the event shows nothing yet
+    def encode_texts(self, texts: list[str]) -> bytes: ...  # encode() of a text-only delta of each
     def finish(self) -> bytes: ...
     def error(self, info: ErrorInfo) -> bytes: ...
 
@@ -118,22 +121,31 @@ class SSEChannel:
             self._comment = None
 
 
-async def relay(channel: SSEChannel, batches: AsyncIterator[list[Event]], encoder: StreamEncoder,
+async def relay(channel: SSEChannel, reads: AsyncIterator[list[Item]], encoder: StreamEncoder,
                 ended: Callable[[], bool] = lambda: False) -> None:
-    """Send every batch of events (one upstream read's) in one write, then the end; errors before the
-    first byte propagate, later ones are sent in-band by the caller (``channel.started`` tells which).
+    """Send the items of every upstream read (see :meth:`ChatStream.reads`) in one write, then the end;
+    errors before the first byte propagate, later ones are sent in-band by the caller
+    (``channel.started`` tells which).
 
-    ``ended()`` tells whether the answer is complete: its last batch then goes out with the end of the
+    ``ended()`` tells whether the answer is complete: its last read then goes out with the end of the
     body (a short answer, head and all, in a single write)."""
-    encode = encoder.encode
     send = channel.send
     last = b""
     async with channel:
-        async for batch in batches:
-            data = b"".join(map(encode, batch))
+        async for read in reads:
+            data = encode_read(encoder, read)
             if ended():
                 last = data
                 break
             if data:
                 await send(data)
     await channel.close(last + encoder.finish())
+
+
+def encode_read(encoder: StreamEncoder, read: list[Item]) -> bytes:
+    """The bytes of one read's items: a run of plain texts (nearly every read) encoded at once."""
+    if set(map(type, read)) == _ONLY_TEXT:
+        return encoder.encode_texts(cast("list[str]", read))
+    encode = encoder.encode
+    return b"".join(encode(ChoiceDelta(text=item)) if isinstance(item, str) else b"".join(map(encode, item))
+                    for item in read)

@@ -268,6 +268,9 @@ class ResponsesEncoder:
         return self._event("response.created", response=response) + self._event(
             "response.in_progress", response=response)
 
+    def encode_texts(self, texts: list[str]) -> bytes:
+        return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+
     def encode(self, event: Event) -> bytes:
         self.accumulator.add(event)
         if not isinstance(event, ChoiceDelta) or event.index != 0:

@@ -1,0 +1,176 @@
+"""Whole reads of plain text chunks in one pass (``ChunkInterpreter.interpret_read`` with
+``SSEDecoder.feed_whole``) give exactly what decoding and interpreting them event by event gives:
+the same items, the same errors, the same malformed count, for every way the stream is cut into reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from netfly import ChunkInterpreter, NetflyError, SSEDecoder
+from netfly.chunks import Item
+
+
+def _chunk(content: Any, *, finish: str | None = None, model: str = "m", extra: str = "") -> bytes:
+    head = '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"' + model + '"' + extra
+    text = json.dumps(content, ensure_ascii=False) if not isinstance(content, bytes) else content.decode("latin-1")
+    finish_json = json.dumps(finish)
+    body = head + ',"choices":[{"index":0,"delta":{"content":' + text + '},"finish_reason":' + finish_json + "}]}"
+    return b"data: " + body.encode("utf-8" if not isinstance(content, bytes) else "latin-1") + b"\n\n"
+
+
+def _raw(data: bytes) -> bytes:
+    """One event whose data line is ``data`` exactly as given (for contents no encoder would write)."""
+    return b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
+           b'"delta":{"content":' + data + b'},"finish_reason":null}]}\n\n'
+
+
+def _stream(*events: bytes) -> bytes:
+    return b"".join(events)
+
+
+PLAIN = [_chunk(t) for t in ["Hel", "lo", ", w", "orld", " \u0442\u0438\u0445", " \U0001f332\U0001f30a", "!", "",
+                             'a "quote"', "back\\slash", "new\nline", "\u2028", "tab\t"]]
+STREAMS: dict[str, bytes] = {
+    "plain": _stream(*PLAIN, _chunk(None, finish="stop"), b"data: [DONE]\n\n"),
+    "done mid-read": _stream(*PLAIN[:4], b"data: [DONE]\n\n", *PLAIN[4:6]),
+    "meta change": _stream(*PLAIN[:3], _chunk("x", model="other"), *PLAIN[3:6]),
+    "extra field": _stream(*PLAIN[:3], _chunk("y", extra=',"service_tier":"default"'), *PLAIN[:3]),
+    "comment and event name": _stream(*PLAIN[:3], b": ping\n\n", *PLAIN[:2], b"event: note\n", *PLAIN[:3]),
+    "crlf": _stream(*PLAIN[:3], *(e.replace(b"\n", b"\r\n") for e in PLAIN[3:6]), *PLAIN[6:8]),
+    "bom": b"\xef\xbb\xbf" + _stream(*PLAIN[:6]),
+    "two data lines": _stream(*PLAIN[:3], PLAIN[3][:-1] + b"data: more\n\n", *PLAIN[4:7]),
+    "blank lines between": _stream(*PLAIN[:3], b"\n", *PLAIN[3:6], b"\n\n", *PLAIN[6:8]),
+    "invalid utf-8": _stream(*PLAIN[:3], _raw(b'"\xff\xfe"'), *PLAIN[3:6]),
+    "encoded surrogate": _stream(*PLAIN[:3], _raw(b'"\xed\xa0\x80"'), *PLAIN[3:6]),
+    "lone surrogate escape": _stream(*PLAIN[:3], _raw(b'"\\ud800"'), *PLAIN[3:6]),
+    "spaces around the string": _stream(*PLAIN[:3], _raw(b' "sp" '), *PLAIN[3:6]),
+    "spaces and a lone surrogate": _stream(*PLAIN[:3], _raw(b' "\\ud800" '), *PLAIN[3:6]),
+    "a space before a lone surrogate": _stream(*PLAIN[:3], _raw(b' "\\ud800"'), *PLAIN[3:6]),
+    "a space after a lone surrogate": _stream(*PLAIN[:3], _raw(b'"\\ud800" '), *PLAIN[3:6]),
+    "another id as long": _stream(*PLAIN[:4], PLAIN[4].replace(b'"c1"', b'"c2"'), *PLAIN[5:7]),
+    "a finish as long as a null": _stream(*PLAIN[:3], PLAIN[3].replace(b":null}", b':"ab"}'), *PLAIN[3:6]),
+    "a line more in an event": _stream(*PLAIN[:3], PLAIN[3][:-1] + b"id: 7\n\n", *PLAIN[4:6]),
+    "a number for content": _stream(*PLAIN[:3], _raw(b"42"), *PLAIN[3:6]),
+    "null content": _stream(*PLAIN[:3], _raw(b"null"), *PLAIN[3:6]),
+    # Made so that one parse of the strings as a JSON array would read otherwise than one by one:
+    "string spanning two events": _stream(*PLAIN[:3], _raw(b'"a\\"'), _raw(b'","c"'), *PLAIN[3:6]),
+    "array across events": _stream(*PLAIN[:3], _raw(b'"a",["b"'), _raw(b'"c"'), _raw(b'"d"],"e"'), *PLAIN[3:5]),
+    "two strings in one": _stream(*PLAIN[:3], _raw(b'"a","b"'), *PLAIN[3:6]),
+    "unterminated": _stream(*PLAIN[:3], _raw(b'"abc'), *PLAIN[3:6]),
+    "control character": _stream(*PLAIN[:3], _raw(b'"a\x01b"'), *PLAIN[3:6]),
+    "in-stream error": _stream(*PLAIN[:4], b'data: {"error":{"message":"overloaded","code":"busy"}}\n\n',
+                               *PLAIN[4:6]),
+    "error event": _stream(*PLAIN[:4], b"event: error\ndata: boom\n\n", *PLAIN[4:6]),
+    "unterminated last event": _stream(*PLAIN[:5]) + PLAIN[5][:-2],
+}
+
+
+def _one_by_one(reads: list[bytes], strict: bool) -> tuple[list[Item], Any]:
+    """The reference: every event decoded and interpreted on its own."""
+    decoder, interpreter = SSEDecoder(), ChunkInterpreter(strict=strict)
+    items: list[Item] = []
+    try:
+        for raw in reads:
+            interpreter.interpret_events(decoder.feed(raw), items)
+            if interpreter.done:
+                break
+        else:
+            interpreter.interpret_events(decoder.flush(), items)
+    except NetflyError as exc:
+        return items, (type(exc), str(exc))
+    return items, (interpreter.done, interpreter.finished, interpreter.malformed_chunks)
+
+
+def _by_reads(reads: list[bytes], strict: bool) -> tuple[list[Item], Any]:
+    decoder, interpreter = SSEDecoder(), ChunkInterpreter(strict=strict)
+    items: list[Item] = []
+    try:
+        for raw in reads:
+            interpreter.interpret_read(raw, decoder, items)
+            if interpreter.done:
+                break
+        else:
+            interpreter.interpret_events(decoder.flush(), items)
+    except NetflyError as exc:
+        return items, (type(exc), str(exc))
+    return items, (interpreter.done, interpreter.finished, interpreter.malformed_chunks)
+
+
+def _cuts(data: bytes) -> list[list[bytes]]:
+    """The stream whole, cut in two at every offset, and in reads of every size up to 64."""
+    ways = [[data]] + [[data[:i], data[i:]] for i in range(1, len(data))]
+    ways += [[data[i : i + size] for i in range(0, len(data), size)] for size in range(1, 65)]
+    return ways
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_reads_in_one_pass_give_what_events_one_by_one_give(name: str, strict: bool) -> None:
+    data = STREAMS[name]
+    expected = _one_by_one([data], strict)
+    for reads in _cuts(data):
+        assert _by_reads(reads, strict) == expected, [len(r) for r in reads]
+        assert _one_by_one(reads, strict) == expected  # the reference itself does not depend on the cut
+
+
+def test_a_read_of_plain_chunks_is_read_in_one_pass() -> None:
+    decoder, interpreter = SSEDecoder(), ChunkInterpreter()
+    items: list[Item] = []
+    interpreter.interpret_read(_stream(*PLAIN[:2]), decoder, items)  # learns the chunks' shape
+    offered: list[bytes] = []
+
+    def parse(events: bytes) -> list[str] | None:
+        offered.append(events)
+        return interpreter.interpret_plain(events)
+
+    rest = _stream(*PLAIN[2:])
+    texts, events = decoder.feed_whole(rest + PLAIN[0][:9], parse)
+    assert offered == [rest]  # the whole events, not the line still incomplete
+    assert texts == [", w", "orld", " \u0442\u0438\u0445", " \U0001f332\U0001f30a", "!", 'a "quote"', "back\\slash",
+                     "new\nline", "\u2028", "tab\t"]
+    assert events == []
+    texts, events = decoder.feed_whole(PLAIN[0][9:], parse)
+    assert offered[-1] == PLAIN[0]  # the pending line and the rest of its event, as one
+    assert texts == ["Hel"]
+
+
+_TWO = b"data: " + b"x" * 34 + b"\n\n"  # 42 bytes: within a 64-byte limit, two of them are not
+NOT_OFFERED = {
+    "no whole event": ({}, [b"\n"], b"data: partial"),
+    "the BOM not checked yet": ({}, [], b"data: a\n\n"),
+    "an event's data pending": ({}, [b"data: a\n"], b"\ndata: b\n\n"),
+    "an event's type pending": ({}, [b"event: note\n"], b"data: a\n\n"),
+    "a CR that a LF may complete": ({}, [b"data: c\r\r"], b"\ndata: d\n\n"),
+    "a CR in the read": ({}, [b"\n"], b"data: a\r\n\n"),
+    "past the line limit": ({"max_line_bytes": 64}, [b"\n"], _TWO + _TWO),
+    "past the event limit": ({"max_event_bytes": 64}, [b"\n"], _TWO + _TWO),
+    "past a limit with the pending line": ({"max_line_bytes": 64}, [b"\n", _TWO[:30]], _TWO[30:] + _TWO[:30] + b"\n\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_OFFERED))
+def test_events_are_not_offered_whole_unless_the_decoder_is_between_events_within_its_limits(name: str) -> None:
+    limits, before, chunk = NOT_OFFERED[name]
+    offered: list[bytes] = []
+
+    def accept_anything(events: bytes) -> list[str]:
+        offered.append(events)
+        return ["taken"]
+
+    decoder, reference = SSEDecoder(**limits), SSEDecoder(**limits)
+    for data in before:
+        assert decoder.feed(data) == reference.feed(data)
+    assert decoder.feed_whole(chunk, accept_anything) == ([], reference.feed(chunk))
+    assert offered == []
+
+
+def test_events_refused_by_the_parser_are_fed_as_usual() -> None:
+    decoder, offered = SSEDecoder(), []
+    decoder.feed(b"\n")
+    _, events = decoder.feed_whole(b"data: e\n\ndata: f\n\ndata: g", lambda events: offered.append(events))
+    assert offered == [b"data: e\n\ndata: f\n\n"]
+    assert [e.data for e in events + decoder.flush()] == ["e", "f", "g"]
