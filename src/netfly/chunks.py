@@ -46,6 +46,8 @@ _CALL_KEYS = frozenset({"index", "id", "type", "function"})
 # The json module's own string scanner (C, in every CPython since 2.6, not in typeshed): it reads one
 # JSON string, escapes and all, about as fast as a check by hand and faster than any loads().
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+# Below about this many events, reading them at once costs more than it saves (fixed costs per read).
+_PLAIN_EVENTS_AT_LEAST = 6
 # The json module's parser (the same C string scanner), not orjson's: the texts must be the ones
 # _json_string would give, lone surrogate escapes included.
 _json_loads_strict: Callable[[str], Any] = json.loads
@@ -132,6 +134,8 @@ class ChunkInterpreter:
         if around is None:
             return None
         head, tail = around
+        if len(events) < _PLAIN_EVENTS_AT_LEAST * (len(head) + len(tail)):
+            return None  # a few events: one by one is as fast (a slow upstream's reads hold one or two)
         # A line more in some event holds a newline between the head and tail of its line: the JSON
         # parse below refuses it there.
         lines = events[:-2].split(b"\n\n")
