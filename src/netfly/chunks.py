@@ -46,7 +46,7 @@ _CALL_KEYS = frozenset({"index", "id", "type", "function"})
 # The json module's own string scanner (C, in every CPython since 2.6, not in typeshed): it reads one
 # JSON string, escapes and all, about as fast as a check by hand and faster than any loads().
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
-# Below about this many events, reading them at once costs more than it saves (fixed costs per read).
+# Below about this many events a read, reading them at once costs more than it saves.
 _PLAIN_EVENTS_AT_LEAST = 6
 # The json module's parser (the same C string scanner), not orjson's: the texts must be the ones
 # _json_string would give, lone surrogate escapes included.
@@ -111,8 +111,13 @@ class ChunkInterpreter:
         """Append the items of one read of the stream, decoded by ``decoder``, to ``items`` (those before
         an error are there when it is raised). Its whole events go in one pass when they are all plain
         text chunks (nearly every read of a long answer), else event by event."""
-        texts, events = decoder.feed_whole(raw, self.interpret_plain)
-        items += texts
+        around = self._around_bytes()
+        # A few events at a time (a slow upstream's reads hold one or two) cost less one by one.
+        if around is not None and len(raw) >= _PLAIN_EVENTS_AT_LEAST * (len(around[0]) + len(around[1])):
+            texts, events = decoder.feed_whole(raw, self.interpret_plain)
+            items += texts
+        else:
+            events = decoder.feed(raw)
         self.interpret_events(events, items)
 
     def interpret_events(self, events: list[ServerSentEvent], items: list[Item]) -> None:
@@ -134,8 +139,6 @@ class ChunkInterpreter:
         if around is None:
             return None
         head, tail = around
-        if len(events) < _PLAIN_EVENTS_AT_LEAST * (len(head) + len(tail)):
-            return None  # a few events: one by one is as fast (a slow upstream's reads hold one or two)
         # A line more in some event holds a newline between the head and tail of its line: the JSON
         # parse below refuses it there.
         lines = events[:-2].split(b"\n\n")
