@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .._ids import unique_hex
 from ..config import NetflyConfig, load_config
 from ..errors import ConfigurationError
 from ..routing import CircuitBreakers
@@ -152,7 +152,7 @@ class Operations:
         metrics, usage and JSON log line once it ends."""
         resource = request.match_info.route.resource
         record = RequestRecord(
-            request_id=self._request_id() or token_hex(16),
+            request_id=self._request_id() or unique_hex(),
             route=resource.canonical if resource is not None else "unmatched",
         )
         request[_RECORD] = record
