@@ -23,7 +23,8 @@ def _start() -> None:
 
 
 _start()
-os.register_at_fork(after_in_child=_start)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_start)
 
 
 def unique_hex() -> str:
