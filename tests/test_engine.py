@@ -795,3 +795,25 @@ async def test_concurrent_streams(scripted: Start) -> None:
     )
     assert answers == words
 
+
+
+# -- cookies ------------------------------------------------------------------------------------
+
+
+async def test_a_cookie_set_by_an_upstream_is_never_sent_on_a_later_call(scripted: Start) -> None:
+    # The pooled session serves every caller: one caller's upstream cookie must not reach another's call.
+    async def set_cookie(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Set-Cookie": "session=caller-one; Path=/"})
+        await response.prepare(request)
+        await response.write(answer("first"))
+        await response.write_eof()
+        return response
+
+    server = await scripted(set_cookie, ok("second"))
+    # "localhost", not an IP address: aiohttp's cookie jar ignores cookies of IP hosts.
+    provider = FreeNetfly.configure(url=server.url.replace("127.0.0.1", "localhost"), retry_delay=0.01)
+    assert (await provider.complete(None, MESSAGES)).text == "first"
+    assert (await provider.complete(None, MESSAGES, headers={"X-Call": "2"})).text == "second"
+    assert (await provider.complete(None, MESSAGES, headers={"Cookie": "mine=1"})).text == "second"
+    assert [h.get("Cookie") for h in server.headers] == [None, None, "mine=1"]

@@ -12,6 +12,7 @@ refused with a "did you mean" rather than sent upstream. Subclassing changes the
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
@@ -122,13 +123,7 @@ class Provider:
 
     @classmethod
     def endpoint_url(cls) -> str:
-        url = cls.url.rstrip("/") + "/" + cls.api_endpoint.lstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(
-                f"{cls.name()}: url must be an http(s) URL with a host, got {redact_url(cls.url)!r}"
-            )
-        return url
+        return _checked_endpoint(cls.name(), cls.url, cls.api_endpoint)
 
     @classmethod
     def resolve_api_key(cls, api_key: str | None = None) -> str | None:
@@ -314,6 +309,16 @@ class Provider:
         return await check_provider(cls, model, timeout=timeout, proxy=proxy, **kwargs)
 
 
+@functools.lru_cache(maxsize=256)
+def _checked_endpoint(name: str, url: str, api_endpoint: str) -> str:
+    # Cached: a provider's URL is parsed and checked once, not on every call (a bad one raises, uncached).
+    endpoint = url.rstrip("/") + "/" + api_endpoint.lstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"{name}: url must be an http(s) URL with a host, got {redact_url(url)!r}")
+    return endpoint
+
+
 def _secrets(
     url: str, headers: Mapping[str, str], secret_names: Collection[str], api_key: str | None, proxy: Proxy | None
 ) -> tuple[str, ...]:
@@ -377,7 +382,13 @@ def _retry_policy(cls: type[Provider], options: Mapping[str, Any]) -> RetryPolic
     name = "max_attempts" if "max_attempts" in options else "max_retries"
     attempts = _checks.whole(name, options.get(name, cls.max_retries), unit="attempts")
     delay = _checks.seconds("retry_delay", options.get("retry_delay", cls.retry_delay))
-    return RetryPolicy(max_attempts=attempts, initial_delay=delay)
+    return _shared_policy(attempts, delay)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_policy(max_attempts: int, initial_delay: float) -> RetryPolicy:
+    # A RetryPolicy is frozen: calls with the same settings share one instead of checking a new one.
+    return RetryPolicy(max_attempts=max_attempts, initial_delay=initial_delay)
 
 
 def _is_method(cls: type, name: str) -> bool:

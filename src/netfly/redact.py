@@ -8,6 +8,7 @@ first part is no longer recognised and is shown.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -37,6 +38,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
 
 
+@functools.lru_cache(maxsize=256)  # asked on every call, of the few URLs a process calls
 def url_secrets(url: str) -> tuple[str, ...]:
     """The password of ``url`` (as written and percent-decoded) and the Basic credentials the HTTP
     client makes of it, if it has one."""

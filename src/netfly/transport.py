@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -184,6 +185,9 @@ class SessionPool:
             session = aiohttp.ClientSession(
                 connector=_new_connector(proxy if key else None),
                 auto_decompress=True,
+                # One session serves every call, whoever made it: a cookie one upstream set must
+                # not be sent back on another caller's request (nor cost a jar lookup per call).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # netfly applies its own per-call timeouts to each request.
                 timeout=aiohttp.ClientTimeout(total=None),
             )
@@ -236,6 +240,18 @@ async def aclose() -> None:
 
 
 def client_timeout(timeout: Timeout, remaining_total: float | None) -> aiohttp.ClientTimeout:
+    if remaining_total is None:
+        return _untimed_client_timeout(timeout)
+    return _client_timeout(timeout, remaining_total)
+
+
+@functools.lru_cache(maxsize=64)
+def _untimed_client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+    # Without a total limit a call's limits are its Timeout's: built once, not per call (both frozen).
+    return _client_timeout(timeout, None)
+
+
+def _client_timeout(timeout: Timeout, remaining_total: float | None) -> aiohttp.ClientTimeout:
     # ``connect`` also bounds DNS resolution, which ``sock_connect`` alone leaves unbounded (a dead
     # resolver would hang the call). It includes waiting for a free pooled connection too, but the
     # pool allows 1000, so that wait only happens under a load where failing fast is right.

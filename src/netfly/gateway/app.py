@@ -15,12 +15,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
-from secrets import token_hex
 from typing import Any
 
 from aiohttp import web
 
-from .. import _checks, _json
+from .. import _checks, _ids, _json
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
 from ..events import ChatResult
@@ -99,7 +98,7 @@ class Gateway:
         notes: list[str] = []
         reset = _notes.set(notes)
         given = request.headers.get("X-Request-Id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else token_hex(16)
+        request_id = given if _REQUEST_ID.fullmatch(given) else _ids.unique_hex()
         reset_id = _request_id.set(request_id)
         try:
             response = await handler(request)

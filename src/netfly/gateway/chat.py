@@ -9,10 +9,9 @@ prefix and suffix: one JSON string encoding per chunk, which keeps the relay as 
 from __future__ import annotations
 
 import time
-from secrets import token_hex
 from typing import Any
 
-from .. import _json
+from .. import _ids, _json
 from ..events import ChatResult, ChoiceDelta, ChoiceResult, ChunkMeta, Event, ToolCallDelta, Usage
 from .errors import ErrorInfo
 
@@ -29,7 +28,7 @@ class ChatChunkEncoder:
     def __init__(self, model: str, *, include_usage: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
-        self.meta = ChunkMeta(id=f"chatcmpl-{token_hex(16)}", created=int(time.time()))
+        self.meta = ChunkMeta(id=f"chatcmpl-{_ids.unique_hex()}", created=int(time.time()))
         self._usage_sent = False
         self._head: dict[str, Any] = {}
         self._text_prefix: bytes | None = None  # built when the first text chunk is encoded

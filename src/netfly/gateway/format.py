@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from secrets import token_hex
 from typing import Any
 
-from .. import _json
+from .. import _ids, _json
 from ..chunks import ChatResult
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -20,7 +19,7 @@ class CompletionFormatter:
     """Builds the objects of one answer; they share its id, creation time and model."""
 
     def __init__(self, model: str, *, include_usage: bool = False) -> None:
-        self.id = f"chatcmpl-{token_hex(16)}"
+        self.id = f"chatcmpl-{_ids.unique_hex()}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage

@@ -9,10 +9,9 @@ sequence (``message_start``, content blocks — thinking, text, tool_use — ``m
 from __future__ import annotations
 
 from collections.abc import Mapping
-from secrets import token_hex
 from typing import Any
 
-from .. import _json
+from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
 from .schema import ChatCall, expect_type, json_type, load_object
@@ -155,13 +154,13 @@ class MessageBuilder:
     """The ``message`` object of one answer; tool-use ids stay the same across events."""
 
     def __init__(self, model: str) -> None:
-        self.id = f"msg_{token_hex(16)}"
+        self.id = f"msg_{_ids.unique_hex()}"
         self.model = model
         self.tool_ids: dict[int, str] = {}
 
     def tool_id(self, index: int, upstream: str | None) -> str:
         if index not in self.tool_ids:
-            self.tool_ids[index] = upstream or f"toolu_{token_hex(16)}"
+            self.tool_ids[index] = upstream or f"toolu_{_ids.unique_hex()}"
         return self.tool_ids[index]
 
     def message(self, result: ChatResult | None) -> dict[str, Any]:

@@ -1,21 +1,29 @@
-"""The gateway's Prometheus metrics (``GET /metrics``), made with the official ``prometheus-client``.
+"""The gateway's Prometheus metrics (``GET /metrics``), written by the official ``prometheus-client``.
+
+The request path only adds to plain numbers (:class:`_Family`); they are read into metric families,
+exactly as prometheus-client's own metric objects expose theirs, when ``/metrics`` is scraped.
 
 Every app has its own registry, so two gateways in one process do not mix their figures. Labels
 are bounded: routes are the app's route patterns, keys the configured key names, providers the
 configured providers, models the first ``max_models`` public names seen (a pass-through provider
-takes any name a client sends, and every label set is kept for good: about 16 KiB each), the others
+takes any name a client sends, and every label set is kept for good), the others
 counted together as ``(other)``.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..routing import CircuitBreakers
 from ..stream import StreamStats
@@ -29,22 +37,99 @@ _BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 DEFAULT_MAX_MODELS = 100
 OTHER_MODELS = "(other)"
 
-_M = TypeVar("_M", bound=MetricWrapperBase)
+class _Value:
+    """A counter's or gauge's child: a plain float."""
+
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def samples(self, kind: str) -> list[tuple[str, dict[str, str], float]]:
+        if kind == "gauge":
+            return [("", {}, self.value)]
+        return [("_total", {}, self.value), *_created(self.created)]
 
 
-class _Labelled(Generic[_M]):
-    """A metric whose children are kept by label values: prometheus-client's ``labels()`` validates,
-    converts and locks on every call, several times a request. The label sets are bounded (see above)."""
+class _Buckets:
+    """A histogram's child: a count per bucket and the sum."""
 
-    def __init__(self, metric: _M) -> None:
-        self.metric = metric
-        self._children: dict[tuple[str, ...], _M] = {}
+    __slots__ = ("bounds", "les", "counts", "sum", "created")
 
-    def labels(self, *values: str) -> _M:
+    def __init__(self, bounds: tuple[float, ...], les: tuple[str, ...]) -> None:
+        self.bounds, self.les = bounds, les  # the bounds, and as the ``le`` label writes them
+        self.counts = [0.0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
+
+    def samples(self, kind: str) -> list[tuple[str, dict[str, str], float]]:
+        cumulative = list(itertools.accumulate(self.counts))
+        out = [("_bucket", {"le": le}, count) for le, count in zip(self.les, cumulative, strict=True)]
+        out += [("_count", {}, cumulative[-1]), ("_sum", {}, self.sum), *_created(self.created)]
+        return out
+
+
+def _created(at: float) -> list[tuple[str, dict[str, str], float]]:
+    # Exposed as prometheus-client exposes its own, which PROMETHEUS_DISABLE_CREATED_SERIES turns off.
+    return [("_created", {}, at)] if prometheus_metrics._use_created else []
+
+
+_C = TypeVar("_C", _Value, _Buckets)
+
+
+class _Family(Collector, Generic[_C]):
+    """One metric's children by label values, exposed exactly as prometheus-client exposes its own.
+
+    prometheus-client's metric objects validate, convert and lock on every update, several times a
+    request; these are plain numbers (updated from the event loop only), read at scrape time. The
+    label sets are bounded (see above).
+    """
+
+    def __init__(self, kind: str, name: str, documentation: str, labelnames: list[str],
+                 new_child: Callable[[], _C], registry: CollectorRegistry) -> None:
+        self.kind, self.name, self.documentation = kind, name, documentation
+        self.labelnames = tuple(labelnames)
+        self._new_child: Callable[[], _C] = new_child
+        self._children: dict[tuple[str, ...], _C] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _C:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self.metric.labels(*values)
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {values!r}")
+            child = self._children[values] = self._new_child()
         return child
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, self.kind)
+        for values, child in self._children.items():
+            labels = dict(zip(self.labelnames, values, strict=True))
+            for suffix, extra, value in child.samples(self.kind):
+                metric.add_sample(self.name + suffix, {**labels, **extra}, value)
+        yield metric
+
+
+def _counter(name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry) -> _Family[_Value]:
+    return _Family("counter", name, documentation, labelnames, _Value, registry)
+
+
+def _histogram(name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...],
+               registry: CollectorRegistry) -> _Family[_Buckets]:
+    bounds = (*buckets, math.inf)
+    les = tuple(floatToGoString(bound) for bound in bounds)  # type: ignore[no-untyped-call]
+    return _Family("histogram", name, documentation, labelnames, lambda: _Buckets(bounds, les), registry)
 
 
 class GatewayMetrics:
@@ -57,25 +142,22 @@ class GatewayMetrics:
         self._models: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = _Labelled(Counter(
+        self.requests = _counter(
             "netfly_requests", "Requests answered, by route, public model, key name and status",
-            ["route", "model", "key", "status"], registry=r))
-        self.attempts = _Labelled(Counter(
-            "netfly_upstream_attempts", "Upstream attempts, by provider and outcome",
-            ["provider", "outcome"], registry=r))
-        self.rate_limited = _Labelled(Counter(
-            "netfly_rate_limited", "Requests refused by a key's limit", ["key", "limit"], registry=r))
-        self.time_to_first_token = _Labelled(Histogram(
+            ["route", "model", "key", "status"], r)
+        self.attempts = _counter(
+            "netfly_upstream_attempts", "Upstream attempts, by provider and outcome", ["provider", "outcome"], r)
+        self.rate_limited = _counter(
+            "netfly_rate_limited", "Requests refused by a key's limit", ["key", "limit"], r)
+        self.time_to_first_token = _histogram(
             "netfly_time_to_first_token_seconds", "Time from the request to the answer's first text",
-            ["model"], buckets=_SECONDS, registry=r))
-        self.duration = _Labelled(Histogram(
-            "netfly_request_duration_seconds", "Time to answer a request in full",
-            ["route", "model"], buckets=_SECONDS, registry=r))
-        self.tokens = _Labelled(Histogram(
-            "netfly_tokens_per_request", "Tokens of one request, prompt or completion",
-            ["model", "kind"], buckets=_TOKENS, registry=r))
-        self.in_flight = _Labelled(Gauge(
-            "netfly_streams_in_flight", "Answers being streamed now", ["model"], registry=r))
+            ["model"], _SECONDS, r)
+        self.duration = _histogram(
+            "netfly_request_duration_seconds", "Time to answer a request in full", ["route", "model"], _SECONDS, r)
+        self.tokens = _histogram(
+            "netfly_tokens_per_request", "Tokens of one request, prompt or completion", ["model", "kind"], _TOKENS, r)
+        self.in_flight = _Family(
+            "gauge", "netfly_streams_in_flight", "Answers being streamed now", ["model"], _Value, r)
         r.register(_BreakerCollector(breakers))
         r.register(_StateCollector(state))
 

@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .._ids import unique_hex
 from ..config import NetflyConfig, load_config
 from ..errors import ConfigurationError
 from ..routing import CircuitBreakers
@@ -152,7 +152,7 @@ class Operations:
         metrics, usage and JSON log line once it ends."""
         resource = request.match_info.route.resource
         record = RequestRecord(
-            request_id=self._request_id() or token_hex(16),
+            request_id=self._request_id() or unique_hex(),
             route=resource.canonical if resource is not None else "unmatched",
         )
         request[_RECORD] = record
@@ -167,13 +167,19 @@ class Operations:
             record.status = 499  # the client went away
             raise
         finally:
-            # A client that closes its connection as soon as it has the answer cancels this handler
-            # (aiohttp's handler cancellation), often right here: the settling runs on regardless,
-            # or the stream slot, usage, metrics and log line of the request would be lost.
-            settling = asyncio.ensure_future(self._settle(record))
-            self._tasks.add(settling)
-            settling.add_done_callback(self._tasks.discard)
-            await asyncio.shield(settling)
+            if record.key is None:
+                self._settle_now(record)  # no usage or limits to store: nothing to wait for, no task
+            else:
+                await self._settle_shielded(record)
+
+    async def _settle_shielded(self, record: RequestRecord) -> None:
+        # A client that closes its connection as soon as it has the answer cancels this handler
+        # (aiohttp's handler cancellation), often right here: the settling runs on regardless,
+        # or the stream slot, usage, metrics and log line of the request would be lost.
+        settling = asyncio.ensure_future(self._settle(record))
+        self._tasks.add(settling)
+        settling.add_done_callback(self._tasks.discard)
+        await asyncio.shield(settling)
 
     @web.middleware
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -218,19 +224,33 @@ class Operations:
     # -- the end of a request ------------------------------------------------------------------
 
     async def _settle(self, record: RequestRecord) -> None:
-        model, key_name = record.model or "", record.key.name if record.key else ""
-        label = self.metrics.model_label(model)
-        stream = record.stream
-        if stream is not None:
-            record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
-            self.metrics.in_flight.labels(label).dec()
-            self.metrics.observe_stream(label, stream.stats)
-            self.metrics.tokens.labels(label, "prompt").observe(tokens.prompt)
-            self.metrics.tokens.labels(label, "completion").observe(tokens.completion)
-            if record.key is not None:
-                await self.usage.record(key_name, model, tokens)
+        self._count_stream(record)
+        if record.key is not None and record.tokens is not None:
+            await self.usage.record(record.key.name, record.model or "", record.tokens)
         if record.admission is not None:
             await record.admission.finish(record.tokens.total if record.tokens else 0)
+        self._count_request(record)
+
+    def _settle_now(self, record: RequestRecord) -> None:
+        """:meth:`_settle` for a request without a key: the same figures, nothing stored."""
+        self._count_stream(record)
+        self._count_request(record)
+
+    def _count_stream(self, record: RequestRecord) -> None:
+        """The answer's tokens and metrics, once it ended."""
+        stream = record.stream
+        if stream is None:
+            return
+        label = self.metrics.model_label(record.model or "")
+        record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
+        self.metrics.in_flight.labels(label).dec()
+        self.metrics.observe_stream(label, stream.stats)
+        self.metrics.tokens.labels(label, "prompt").observe(tokens.prompt)
+        self.metrics.tokens.labels(label, "completion").observe(tokens.completion)
+
+    def _count_request(self, record: RequestRecord) -> None:
+        """The request's metrics and JSON log line."""
+        label, key_name = self.metrics.model_label(record.model or ""), record.key.name if record.key else ""
         self.metrics.requests.labels(record.route, label, key_name, str(record.status)).inc()
         self.metrics.duration.labels(record.route, label).observe(time.monotonic() - record.started)
         self.log.write(record)

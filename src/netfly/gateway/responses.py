@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from secrets import token_hex
 from typing import Any
 
-from .. import _json
+from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
 from .schema import ChatCall, expect_type, json_type, load_object
@@ -148,7 +147,7 @@ def _text_format(text: Any) -> dict[str, Any]:
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}_{token_hex(16)}"
+    return f"{prefix}_{_ids.unique_hex()}"
 
 
 def response_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
