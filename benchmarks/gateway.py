@@ -289,7 +289,8 @@ def _f(value: float | None, spec: str) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-ALL_TARGETS = ["direct", "aiohttp-relay", "netfly", "netfly-limits", "netfly-responses", "netfly-messages", "litellm", "g4f"]
+ALL_TARGETS = ["direct", "aiohttp-relay", "netfly", "netfly-limits", "netfly-responses", "netfly-messages",
+               "litellm", "g4f"]
 PACKAGES = ["netfly", "aiohttp", "orjson", "litellm", "g4f"]
 
 
