@@ -7,6 +7,7 @@ server to the official client, which must assemble the expected answer from it.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,31 @@ def test_responses_text_after_reasoning_again_continues_one_new_message_item() -
                                                                 ("C", 3)]
     numbers = [json.loads(line[6:])["sequence_number"] for line in stream.splitlines() if line.startswith("data: ")]
     assert numbers == list(range(len(numbers)))
+
+
+_RUN = ["Hel", "lo", " \u0442\u0438\u0445", ' "quoted"', "\U0001f332\\", "\n"]
+_BEFORE_RUN: dict[str, list[Event]] = {
+    "nothing": [],
+    "a text delta": [ChunkMeta(id="up-1", model="m", created=5), ChoiceDelta(role="assistant"), ChoiceDelta(text="A")],
+    "reasoning": [ChoiceDelta(reasoning="think")],
+    "a tool call": [ChoiceDelta(tool_calls=(ToolCallDelta(index=0, id="c1", name="f", arguments="{}"),))],
+    "a refusal": [ChoiceDelta(text="A"), ChoiceDelta(refusal="no")],
+}
+
+
+@pytest.mark.parametrize("before", list(_BEFORE_RUN))
+@pytest.mark.parametrize("make", [chat_encoder, responses_encoder, messages_encoder])
+def test_a_run_of_texts_encodes_as_its_deltas_one_by_one(make: Any, before: str) -> None:
+    """``encode_texts`` (how the relay sends a read of plain text chunks) gives the bytes, and leaves the
+    encoder in the state, of ``encode`` of each text's delta, whatever came before."""
+    encoder = make()
+    encoder.start()
+    for event in _BEFORE_RUN[before]:
+        encoder.encode(event)
+    one_by_one = copy.deepcopy(encoder)
+    assert encoder.encode_texts(_RUN) == b"".join(one_by_one.encode(ChoiceDelta(text=t)) for t in _RUN)
+    assert encoder.encode(ChoiceDelta(text="!", finish_reason="stop")) == one_by_one.encode(
+        ChoiceDelta(text="!", finish_reason="stop"))
+    assert encoder.finish() == one_by_one.finish()
+    if not isinstance(encoder, ChatChunkEncoder):  # the answer each keeps for its closing events
+        assert encoder.accumulator.result() == one_by_one.accumulator.result()

@@ -12,9 +12,7 @@ try:  # pragma: no cover - which branch runs depends on the environment
 
     loads: Callable[[str | bytes], Any] = orjson.loads
     JSONDecodeError: type[ValueError] = orjson.JSONDecodeError
-
-    def dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
+    dumps: Callable[[Any], bytes] = orjson.dumps  # itself, not wrapped: a call per text chunk relayed
 
 except ImportError:  # pragma: no cover
     JSONDecodeError = json.JSONDecodeError
@@ -22,3 +20,9 @@ except ImportError:  # pragma: no cover
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def strings_between(prefix: bytes, texts: list[str], suffix: bytes) -> bytes:
+    """Each of ``texts`` as a JSON string between ``prefix`` and ``suffix``, all in a row: the text
+    events of a run of text deltas, in C loops."""
+    return prefix + (suffix + prefix).join(map(dumps, texts)) + suffix

@@ -530,11 +530,14 @@ class RoutedStream(ChatStream):
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
             items, ended = winner.first.result()
+            self.at_end = winner.stream.at_end
             if items:
                 yield items
             while not ended:
                 try:
-                    yield await winner.stream._next_noted()
+                    read = await winner.stream._next_noted()
+                    self.at_end = winner.stream.at_end
+                    yield read
                 except StopAsyncIteration:
                     ended = True
                 except NetflyError as exc:

@@ -120,6 +120,9 @@ class ChatStream:
         self.request = request
         self.stats = stats or StreamStats(provider=request.provider, model=request.body.get("model"))
         self.result: ChatResult | None = None
+        # The upstream's answer is all in, its body ended too: the read being handed on is the last,
+        # and the stream ends as soon as it is asked for the next (a relay sends it with the end).
+        self.at_end = False
         self._pool = pool
         self._started = 0.0  # monotonic time the source started; set by the source
         self._events_mode = False
@@ -378,6 +381,8 @@ class ChatStream:
                     if items:  # what came before the error is still delivered, then the error
                         yield items
                     raise
+                if interpreter.done:
+                    self.at_end = response.at_end
                 if items:
                     yield items  # a read's items together: a relay writes them at once
                 if interpreter.done:

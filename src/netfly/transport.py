@@ -371,6 +371,11 @@ class StreamingResponse:
         except CLIENT_FAILURES as exc:
             raise self._fail(exc) from None
 
+    @property
+    def at_end(self) -> bool:
+        """Whether the body has ended (its end has arrived): :meth:`drain` would not wait."""
+        return self._response.content.is_eof()
+
     async def drain(self) -> None:
         """Read what follows the answer's end (normally just the end of the body), briefly."""
         content = self._response.content

@@ -295,7 +295,7 @@ class Gateway:
     async def _relay(self, request: web.Request, stream: ChatStream, encoder: StreamEncoder) -> web.StreamResponse:
         channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
-            await relay(channel, stream.reads(), encoder, lambda: stream.result is not None)
+            await relay(channel, stream.reads(), encoder, lambda: stream.at_end)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream stream (``async with`` in the caller).
             _note("client disconnected")

@@ -76,9 +76,7 @@ class ChatChunkEncoder:
 
     def encode_texts(self, texts: list[str]) -> bytes:
         """:meth:`encode` of a text-only delta of choice 0 for each of ``texts`` (none empty), at once."""
-        prefix = self._text_prefix or self._text_template()
-        suffix = self._text_suffix
-        return prefix + (suffix + prefix).join(map(_json.dumps, texts)) + suffix
+        return _json.strings_between(self._text_prefix or self._text_template(), texts, self._text_suffix)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         obj = {**self._head, "choices": choices}

@@ -190,6 +190,7 @@ def _arguments(arguments: str) -> Any:
 
 
 _TEXT_BLOCK = ("text", -1)
+_TEXT_DELTA_END = b"}}\n\n"
 
 
 class MessagesEncoder:
@@ -210,7 +211,10 @@ class MessagesEncoder:
         return self._event("message_start", {"message": self.builder.message(None)})
 
     def encode_texts(self, texts: list[str]) -> bytes:
-        return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+        if self.open is None or self.blocks[self.open] != _TEXT_BLOCK:
+            return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+        self.accumulator.text_parts(0).extend(texts)  # what add() of each delta does to the answer
+        return _json.strings_between(self._text_delta_prefix(self.open), texts, _TEXT_DELTA_END)
 
     def encode(self, event: Event) -> bytes:
         self.accumulator.add(event)
@@ -235,10 +239,13 @@ class MessagesEncoder:
 
     def _text_delta(self, index: int, text: str) -> bytes:
         """``_delta("text", ...)`` of an open text block, from prebuilt bytes: one string encoding."""
+        return self._text_delta_prefix(index) + _json.dumps(text) + _TEXT_DELTA_END
+
+    def _text_delta_prefix(self, index: int) -> bytes:
         if self._text_prefix[0] != index:
             head = self._event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": ""}})
             self._text_prefix = (index, head[: head.rindex(b'""')])
-        return self._text_prefix[1] + _json.dumps(text) + b"}}\n\n"
+        return self._text_prefix[1]
 
     def _delta(self, kind: str, call: int, delta: dict[str, Any]) -> bytes:
         index, out = self._block(kind, call, None, None)

@@ -127,17 +127,17 @@ async def relay(channel: SSEChannel, reads: AsyncIterator[list[Item]], encoder: 
     errors before the first byte propagate, later ones are sent in-band by the caller
     (``channel.started`` tells which).
 
-    ``ended()`` tells whether the answer is complete: its last read then goes out with the end of the
-    body (a short answer, head and all, in a single write)."""
+    ``ended()`` tells whether a read is the answer's last, with nothing more to wait for: it then goes
+    out with the end of the body, once the stream has ended (a short answer, head and all, in a single
+    write)."""
     send = channel.send
     last = b""
     async with channel:
         async for read in reads:
             data = encode_read(encoder, read)
             if ended():
-                last = data
-                break
-            if data:
+                last += data
+            elif data:
                 await send(data)
     await channel.close(last + encoder.finish())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any
 
 from .. import _ids, _json
@@ -268,7 +269,15 @@ class ResponsesEncoder:
             "response.in_progress", response=response)
 
     def encode_texts(self, texts: list[str]) -> bytes:
-        return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+        template = self._text_template
+        if template is None:
+            return b"".join(self.encode(ChoiceDelta(text=text)) for text in texts)
+        self.accumulator.text_parts(0).extend(texts)  # what add() of each delta does to the answer
+        first, self.sequence = self.sequence, self.sequence + len(texts)
+        numbers = map(str.encode, map(str, range(first, self.sequence)))
+        # Each event is the template around its sequence number and text: joined in C loops.
+        parts = zip(repeat(template[0]), numbers, repeat(template[1]), map(_json.dumps, texts), repeat(_TEXT_TAIL))
+        return b"".join(map(b"".join, parts))
 
     def encode(self, event: Event) -> bytes:
         self.accumulator.add(event)
