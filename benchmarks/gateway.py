@@ -299,8 +299,9 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "n": args.n or (5000 if quick else 20000), "reps": args.reps or (2 if quick else 5),
         "ln": 16, "lc": 10 if quick else 30,
-        "streams": 50 if quick else 200, "sc": 200 if quick else 500, "creps": 1 if quick else 3,
-        "count": 200 if quick else 1000, "conc": 50, "rn": 64, "rreps": 1 if quick else 3,
+        "streams": 50 if quick else 200, "sc": 200 if quick else 500,
+        "creps": args.reps or (1 if quick else 3),
+        "count": 200 if quick else 1000, "conc": 50, "rn": 64, "rreps": args.reps or (1 if quick else 3),
     }
 
 
@@ -324,7 +325,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"of: {', '.join(ALL_TARGETS)}")
     parser.add_argument("--modes", default="single,latency,concurrent,requests")
-    parser.add_argument("--reps", type=int)
+    parser.add_argument("--reps", type=int, help="repetitions of every mode (default: 5 single and latency, 3 others)")
     parser.add_argument("--n", type=int)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
