@@ -73,28 +73,18 @@ STREAMS: dict[str, bytes] = {
 }
 
 
-def _one_by_one(reads: list[bytes], strict: bool) -> tuple[list[Item], Any]:
-    """The reference: every event decoded and interpreted on its own."""
+def _run(reads: list[bytes], strict: bool, *, whole_reads: bool) -> tuple[list[Item], Any]:
+    """What a stream cut into ``reads`` gives: its items, then its error or its end state. Each read is
+    taken as the engine takes it (``whole_reads``), or every event decoded and interpreted on its own:
+    the reference."""
     decoder, interpreter = SSEDecoder(), ChunkInterpreter(strict=strict)
     items: list[Item] = []
     try:
         for raw in reads:
-            interpreter.interpret_events(decoder.feed(raw), items)
-            if interpreter.done:
-                break
-        else:
-            interpreter.interpret_events(decoder.flush(), items)
-    except NetflyError as exc:
-        return items, (type(exc), str(exc))
-    return items, (interpreter.done, interpreter.finished, interpreter.malformed_chunks)
-
-
-def _by_reads(reads: list[bytes], strict: bool) -> tuple[list[Item], Any]:
-    decoder, interpreter = SSEDecoder(), ChunkInterpreter(strict=strict)
-    items: list[Item] = []
-    try:
-        for raw in reads:
-            interpreter.interpret_read(raw, decoder, items)
+            if whole_reads:
+                interpreter.interpret_read(raw, decoder, items)
+            else:
+                interpreter.interpret_events(decoder.feed(raw), items)
             if interpreter.done:
                 break
         else:
@@ -117,9 +107,9 @@ def _cuts(data: bytes) -> list[list[bytes]]:
 @pytest.mark.parametrize("name", list(STREAMS))
 def test_reads_in_one_pass_give_what_events_one_by_one_give(name: str, strict: bool) -> None:
     data = STREAMS[name]
-    expected = _one_by_one([data], strict)
+    expected = _run([data], strict, whole_reads=False)
     for reads in _cuts(data):
-        assert _by_reads(reads, strict) == expected, [len(r) for r in reads]
+        assert _run(reads, strict, whole_reads=True) == expected, [len(r) for r in reads]
 
 
 def test_a_read_of_plain_chunks_is_read_in_one_pass() -> None:

@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Callable
 from operator import itemgetter
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeGuard
 
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
@@ -27,7 +27,7 @@ from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Us
 from .redact import clip
 from .sse import ServerSentEvent, SSEDecoder
 
-__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events"]
+__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events", "only_texts"]
 
 logger = logging.getLogger("netfly")
 
@@ -36,6 +36,7 @@ _QUOTED = 200  # characters of a malformed chunk quoted in a warning or error
 
 # What the interpreter returns for one chunk: choice 0's text alone (the common case), or events.
 Item: TypeAlias = "str | list[Event]"
+_ONLY_TEXT = {str}
 
 _NOT_EXTRA_TOP = frozenset({"id", "model", "created", "system_fingerprint", "object", "choices", "usage"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
@@ -52,6 +53,11 @@ _PLAIN_EVENTS_AT_LEAST = 6
 # _json_string would give, lone surrogate escapes included.
 _json_loads_strict: Callable[[str], Any] = json.loads
 _CONTENT_STRING = re.compile(r'"content": *("(?:[^"\\]|\\.)*")')
+
+
+def only_texts(items: list[Item]) -> TypeGuard[list[str]]:
+    """Whether ``items`` are all plain texts (nearly every read of a long answer): one C loop to tell."""
+    return set(map(type, items)) == _ONLY_TEXT
 
 
 def as_events(item: Item) -> list[Event]:

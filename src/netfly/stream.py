@@ -17,10 +17,10 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 from . import _json
-from .chunks import ChunkInterpreter, Item, as_events
+from .chunks import ChunkInterpreter, Item, as_events, only_texts
 from .errors import (
     LocalServerError,
     NetflyError,
@@ -40,7 +40,6 @@ logger = logging.getLogger("netfly")
 
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
 _JOIN_EVERY = 128  # text pieces kept apart before they are joined into one block
-_ONLY_TEXT = {str}
 
 
 @dataclass
@@ -236,8 +235,8 @@ class ChatStream:
         return text
 
     def _note_read(self, read: list[Item]) -> None:
-        if set(map(type, read)) == _ONLY_TEXT:  # nearly every read of a long answer: no step per text
-            self._note_texts(cast("list[str]", read))
+        if only_texts(read):  # no step per text
+            self._note_texts(read)
             return
         for item in read:
             if isinstance(item, str):

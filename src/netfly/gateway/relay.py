@@ -11,15 +11,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Protocol, cast
+from typing import Protocol
 
 from aiohttp import web
 
-from ..chunks import Item
+from ..chunks import Item, only_texts
 from ..events import ChoiceDelta, Event
 from .errors import ErrorInfo
 
-_ONLY_TEXT = {str}
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 DEFAULT_KEEPALIVE = 15.0
 SSE_HEADERS = {
@@ -144,8 +143,8 @@ async def relay(channel: SSEChannel, reads: AsyncIterator[list[Item]], encoder: 
 
 def encode_read(encoder: StreamEncoder, read: list[Item]) -> bytes:
     """The bytes of one read's items: a run of plain texts (nearly every read) encoded at once."""
-    if set(map(type, read)) == _ONLY_TEXT:
-        return encoder.encode_texts(cast("list[str]", read))
+    if only_texts(read):
+        return encoder.encode_texts(read)
     encode = encoder.encode
     return b"".join(encode(ChoiceDelta(text=item)) if isinstance(item, str) else b"".join(map(encode, item))
                     for item in read)
