@@ -1,4 +1,4 @@
-"""Unique ids for requests and answers, without a system call each.
+"""Unique ids for requests, answers and stream leases, without a system call each.
 
 Such an id must be unique, not secret (nothing is looked up or authorised by it): ``secrets.token_hex``
 asks the kernel for random bytes every time. A random prefix drawn once per process, followed by a

@@ -17,9 +17,9 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from secrets import token_hex
 from typing import Any
 
+from .._ids import unique_hex
 from ..config import KeyConfig, hash_key
 from .errors import GatewayError
 
@@ -116,7 +116,7 @@ class MemoryStore(StateStore):
         self._leases[name] = held
         if len(held) >= limit:
             return None
-        lease_id = token_hex(16)
+        lease_id = unique_hex()
         held[lease_id] = now + ttl
         return lease_id
 

@@ -18,10 +18,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from secrets import token_hex
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .._ids import unique_hex
 from ..errors import ConfigurationError
 from .bench import RedisBench, cancel_and_wait, redis_errors
 from .keys import Bucket, MemoryStore, StateStore
@@ -301,7 +301,7 @@ class RedisStore(StateStore):
         await self._call(shared, lambda: self.fallback.give(name, amount, capacity, per_second))
 
     async def lease(self, name: str, limit: int, ttl: float) -> str | None:
-        lease_id = token_hex(16)
+        lease_id = unique_hex()
         ttl_ms = round(min(ttl, self.lease_ttl) * 1000)
 
         async def shared() -> str | None:
