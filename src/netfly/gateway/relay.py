@@ -15,8 +15,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from ..chunks import Item, only_texts
-from ..events import ChoiceDelta, Event
+from ..chunks import Item, as_events, only_texts
+from ..events import Event
 from .errors import ErrorInfo
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
@@ -146,5 +146,4 @@ def encode_read(encoder: StreamEncoder, read: list[Item]) -> bytes:
     if only_texts(read):
         return encoder.encode_texts(read)
     encode = encoder.encode
-    return b"".join(encode(ChoiceDelta(text=item)) if isinstance(item, str) else b"".join(map(encode, item))
-                    for item in read)
+    return b"".join(b"".join(map(encode, as_events(item))) for item in read)
