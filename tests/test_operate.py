@@ -212,9 +212,10 @@ async def test_burst_over_rpm_gets_429_with_headers_then_recovers(scripted: Scri
     burst = await asyncio.gather(*(gw.raw("POST", "/v1/chat/completions", ALICE, body) for _ in range(60)))
     assert [status for status, _, _ in burst] == [200] * 60
     remaining = sorted(int(headers["x-ratelimit-remaining-requests"]) for _, headers, _ in burst)
-    assert remaining[0] <= 1 and remaining[-1] >= 58
+    # A token a second refills during the burst: a loaded machine may take a few seconds for it.
+    assert remaining[0] <= 10 and remaining[-1] >= 58
     allowed = 60
-    while allowed < 70:  # a slow machine refills a token or so during the burst
+    while allowed < 70:
         status, headers, refused = await gw.raw("POST", "/v1/chat/completions", ALICE, body)
         if status != 200:
             break

@@ -480,6 +480,29 @@ async def test_closing_a_routed_stream_mid_race_closes_every_connection(scripted
     assert {e.name: e.probing for e in router.breakers.snapshot()} == {"A": False, "B": False}
 
 
+async def test_cancelling_a_routed_stream_before_its_first_output_closes_the_connection(scripted: Any) -> None:
+    a = await scripted(silent_then_answer)
+    b = await scripted(ok("never"))
+    first = a.provider(name="A")
+    router = RetryProvider([first, b.provider(name="B")], failure_threshold=1, cooldown=0.01)  # no hedging
+    router.breakers.failed(first, RuntimeError("down"))  # open: after the cool-down, A's call is its trial
+    await asyncio.sleep(0.02)
+
+    stream = router.stream(None, MESSAGES)
+    task = asyncio.ensure_future(stream.__anext__())
+    while len(a.requests) == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 1.0
+    while a.disconnects == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert (a.disconnects, len(b.requests)) == (1, 0)
+    assert [(who(x), x.error) for x in stream.stats.attempts] == [("A", "cancelled: the routed stream was closed")]
+    assert router.breakers.blocked(first) is None  # a cancelled trial does not leave A skipped for good
+
+
 # -- live health check -----------------------------------------------------------------------------
 
 

@@ -482,8 +482,10 @@ class _Runner:
     provider: type[Provider]
     name: str
     stream: ChatStream
-    first: asyncio.Task[tuple[list[Item], bool]]
     started: float
+    # Read in a task only when providers may overlap (hedging); else awaited in place.
+    first: asyncio.Task[tuple[list[Item], bool]] | None = None
+    output: tuple[list[Item], bool] = ([], False)
 
 
 async def _until_output(stream: ChatStream) -> tuple[list[Item], bool]:
@@ -529,7 +531,7 @@ class RoutedStream(ChatStream):
             stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
-            items, ended = winner.first.result()
+            items, ended = winner.output
             self.at_end = winner.stream.at_end
             if items:
                 yield items
@@ -560,47 +562,74 @@ class RoutedStream(ChatStream):
         self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
     ) -> _Runner:
         """Race to the first output: providers fail over one by one, or overlap when hedging."""
-        router, book = self.router, self.router.breakers
+        if self.router.hedge_after is None:
+            return await self._one_by_one(queue, errors)
+        router = self.router
         while True:
-            if not runners and not self._launch(queue, runners, errors):
+            if not runners and not self._launch(queue, runners, errors, hedged=True):
                 raise AllProvidersFailedError(errors)
             wait = None
             if router.hedge_after is not None and queue:
                 wait = max(0.0, runners[-1].started + router.hedge_after - time.monotonic())
             done, _ = await asyncio.wait(
-                [runner.first for runner in runners], timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                [runner.first for runner in runners if runner.first is not None],
+                timeout=wait, return_when=asyncio.FIRST_COMPLETED,
             )
             if not done:
                 logger.info(
                     "%s: no output from %s after %.2f s; starting the next provider alongside",
                     router.name(), runners[-1].name, router.hedge_after,
                 )
-                self._launch(queue, runners, errors)
+                self._launch(queue, runners, errors, hedged=True)
                 continue
             chosen = None
             for runner in [r for r in runners if r.first in done]:
+                assert runner.first is not None
                 error = _first_output_error(runner.first)
                 if error is None:
+                    runner.output = runner.first.result()
                     chosen = chosen or runner  # a second one done in the same instant loses below
                     continue
                 runners.remove(runner)
-                book.failed(runner.provider, error)
-                self._collect(runner)
-                errors[_unique(errors, runner.name)] = error
-                logger.warning(
-                    "%s: %s failed before its first output (%s: %s)",
-                    router.name(), runner.name, type(error).__name__, error,
-                )
+                self._failed_before_output(runner, error, errors)
             if chosen is not None:
                 runners.remove(chosen)
                 await self._cancel(runners, f"{chosen.name} answered first")
                 runners.clear()
                 return chosen
 
+    async def _one_by_one(self, queue: _Queue, errors: dict[str, BaseException]) -> _Runner:
+        """Fail over one provider at a time, each read in this task: with nothing to overlap, a
+        task per provider would only cost a task and a wait per call."""
+        runners: list[_Runner] = []
+        while self._launch(queue, runners, errors, hedged=False):
+            runner = runners.pop()
+            try:
+                runner.output = await _until_output(runner.stream)
+                return runner
+            except NetflyError as error:
+                self._failed_before_output(runner, error, errors)
+            except BaseException:  # cancelled, closed, or a bug: never hidden behind a fallback
+                await runner.stream.aclose()
+                self.router.breakers.released(runner.provider)
+                self._collect(runner, "cancelled: the routed stream was closed")
+                raise
+        raise AllProvidersFailedError(errors)
+
+    def _failed_before_output(self, runner: _Runner, error: NetflyError, errors: dict[str, BaseException]) -> None:
+        self.router.breakers.failed(runner.provider, error)
+        self._collect(runner)
+        errors[_unique(errors, runner.name)] = error
+        logger.warning(
+            "%s: %s failed before its first output (%s: %s)",
+            self.router.name(), runner.name, type(error).__name__, error,
+        )
+
     def _launch(
-        self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
+        self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException], *, hedged: bool
     ) -> bool:
-        """Start the next provider that may be tried; ``False`` when none is left."""
+        """Start the next provider that may be tried (reading it in a task when ``hedged``);
+        ``False`` when none is left."""
         book = self.router.breakers
         while queue:
             provider, call = queue.popleft()
@@ -615,8 +644,8 @@ class RoutedStream(ChatStream):
                 self._skip(errors, name, exc)
                 continue
             book.started(provider)
-            task = asyncio.create_task(_until_output(stream))
-            runners.append(_Runner(provider, name, stream, task, time.monotonic()))
+            task = asyncio.create_task(_until_output(stream)) if hedged else None
+            runners.append(_Runner(provider, name, stream, time.monotonic(), task))
             return True
         return False
 
@@ -629,12 +658,15 @@ class RoutedStream(ChatStream):
         """Stop the losers at once: cancelling the pending read closes its connection."""
         if not runners:
             return
+        tasks = [runner.first for runner in runners if runner.first is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # finished in the same instant; its outcome is dropped
         for runner in runners:
-            runner.first.cancel()
-        await asyncio.wait([runner.first for runner in runners])
-        for runner in runners:
-            if not runner.first.cancelled():
-                runner.first.exception()  # finished in the same instant; its outcome is dropped
             await runner.stream.aclose()
             self.router.breakers.released(runner.provider)
             self._collect(runner, f"cancelled: {reason}")
