@@ -42,6 +42,7 @@ def _amid(*odd: bytes) -> bytes:
 STREAMS: dict[str, bytes] = {
     "plain": _stream(*PLAIN, *PLAIN, _chunk(None, finish="stop"), b"data: [DONE]\n\n"),
     "done mid-read": _amid(b"data: [DONE]\n\n"),
+    "done among the first events": _stream(*PLAIN[:2], b"data: [DONE]\n\n", *PLAIN),
     "meta change": _amid(_chunk("x", model="other")),
     "extra field": _amid(_chunk("y", extra=',"service_tier":"default"')),
     "comment and event name": _amid(b": ping\n\n", *PLAIN[:2], b"event: note\n"),
@@ -118,7 +119,7 @@ def test_a_read_of_plain_chunks_is_read_in_one_pass() -> None:
     interpreter.interpret_read(_stream(*PLAIN[:2]), decoder, items)  # learns the chunks' shape
     offered: list[bytes] = []
 
-    def parse(events: bytes) -> list[str] | None:
+    def parse(events: bytes) -> tuple[list[str], int] | None:
         offered.append(events)
         return interpreter.interpret_plain(events)
 
@@ -131,6 +132,37 @@ def test_a_read_of_plain_chunks_is_read_in_one_pass() -> None:
     texts, events = decoder.feed_whole(_stream(PLAIN[0][9:], *PLAIN[1:6]), parse)
     assert offered[-1] == _stream(*PLAIN[:6])  # the pending line and the rest of its event, with the next
     assert texts == ["Hel", "lo", ", w", "orld", " \u0442\u0438\u0445", " \U0001f332\U0001f30a"]
+
+
+def test_the_plain_chunks_before_the_end_of_an_answer_are_read_in_one_pass() -> None:
+    decoder, interpreter = SSEDecoder(), ChunkInterpreter()
+    interpreter.interpret_read(_stream(*PLAIN[:2]), decoder, [])  # learns the chunks' shape
+    end = _chunk(None, finish="stop") + b"data: [DONE]\n\n"
+    piece = _stream(*PLAIN[2:6], end, PLAIN[6])
+    assert interpreter.interpret_plain(piece) == (
+        [", w", "orld", " \u0442\u0438\u0445", " \U0001f332\U0001f30a"], len(_stream(*PLAIN[2:6]))
+    )
+    texts, events = decoder.feed_whole(piece, interpreter.interpret_plain)
+    assert texts == [", w", "orld", " \u0442\u0438\u0445", " \U0001f332\U0001f30a"]
+    assert [e.data for e in events] == [end[6:].split(b"\n")[0].decode(), "[DONE]", PLAIN[6][6:-2].decode()]
+
+
+def test_the_first_read_of_an_answer_is_read_in_one_pass_after_its_first_events() -> None:
+    offered: list[bytes] = []
+
+    class Recording(SSEDecoder):
+        def feed_whole(self, chunk: bytes, parse: Any) -> Any:
+            offered.append(chunk)
+            return super().feed_whole(chunk, parse)
+
+    role = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
+           b'"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+    first_read = _stream(role, *PLAIN, *PLAIN)
+    items: list[Item] = []
+    ChunkInterpreter().interpret_read(first_read, Recording(), items)
+    assert offered == [first_read[len(_stream(role, *PLAIN[:3])):]]  # all but the first four events
+    assert items[1:] == [t for t in ["Hel", "lo", ", w"] + [json.loads(e[6:])["choices"][0]["delta"]["content"]
+                                                            for e in PLAIN[3:] + PLAIN] if t]
 
 
 _TWO = b"data: " + b"x" * 34 + b"\n\n"  # 42 bytes: within a 64-byte limit, two of them are not
@@ -152,9 +184,9 @@ def test_events_are_not_offered_whole_unless_the_decoder_is_between_events_withi
     limits, before, chunk = NOT_OFFERED[name]
     offered: list[bytes] = []
 
-    def accept_anything(events: bytes) -> list[str]:
+    def accept_anything(events: bytes) -> tuple[list[str], int]:
         offered.append(events)
-        return ["taken"]
+        return ["taken"], len(events)
 
     decoder, reference = SSEDecoder(**limits), SSEDecoder(**limits)
     for data in before:

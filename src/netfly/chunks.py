@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeAlias, TypeGuard
 
@@ -49,6 +50,9 @@ _CALL_KEYS = frozenset({"index", "id", "type", "function"})
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 # Below about this many events a read, reading them at once costs more than it saves.
 _PLAIN_EVENTS_AT_LEAST = 6
+# The first read of an answer: its first few events show the shape of a plain text chunk (the first
+# is often a role chunk), so the rest of that read can be read in one pass too.
+_SHAPE_FROM_EVENTS = 4
 # The json module's parser (the same C string scanner), not orjson's: the texts must be the ones
 # _json_string would give, lone surrogate escapes included.
 _json_loads_strict: Callable[[str], Any] = json.loads
@@ -58,6 +62,17 @@ _CONTENT_STRING = re.compile(r'"content": *("(?:[^"\\]|\\.)*")')
 def only_texts(items: list[Item]) -> TypeGuard[list[str]]:
     """Whether ``items`` are all plain texts (nearly every read of a long answer): one C loop to tell."""
     return set(map(type, items)) == _ONLY_TEXT
+
+
+def _end_of_events(raw: bytes, count: int) -> int:
+    """Where the first ``count`` events of ``raw`` end (after their blank line), when ``raw`` holds more
+    than that; else 0."""
+    end = 0
+    for _ in range(count):
+        end = raw.find(b"\n\n", end) + 2
+        if end < 2:
+            return 0
+    return end if end < len(raw) else 0
 
 
 def as_events(item: Item) -> list[Event]:
@@ -118,6 +133,15 @@ class ChunkInterpreter:
         an error are there when it is raised). Its whole events go in one pass when they are all plain
         text chunks (nearly every read of a long answer), else event by event."""
         around = self._around_bytes()
+        if around is None:
+            cut = _end_of_events(raw, _SHAPE_FROM_EVENTS)
+            if cut:
+                self.interpret_events(decoder.feed(raw[:cut]), items)
+                raw = raw[cut:]
+                if self.done:  # what follows [DONE] is decoded as before, and left
+                    decoder.feed(raw)
+                    return
+                around = self._around_bytes()
         # A few events at a time (a slow upstream's reads hold one or two) cost less one by one.
         if around is not None and len(raw) >= _PLAIN_EVENTS_AT_LEAST * (len(around[0]) + len(around[1])):
             texts, events = decoder.feed_whole(raw, self.interpret_plain)
@@ -136,11 +160,12 @@ class ChunkInterpreter:
             elif self.done:
                 return
 
-    def interpret_plain(self, events: bytes) -> list[str] | None:
-        """The texts of ``events`` (whole server-sent events as sent, see :meth:`SSEDecoder.feed_whole`)
-        when each is one ``data:`` line holding a plain text chunk shaped as the last one (the same bytes
-        around its content string), read in one pass; ``None`` when any is not: interpret them one by
-        one. Empty texts are left out, as :meth:`interpret` does."""
+    def interpret_plain(self, events: bytes) -> tuple[list[str], int] | None:
+        """The texts of the first of ``events`` (whole server-sent events as sent, see
+        :meth:`SSEDecoder.feed_whole`) that are each one ``data:`` line holding a plain text chunk shaped
+        as the last one (the same bytes around its content string), read in one pass, and how many bytes
+        of ``events`` they span; ``None`` when there are none, or their strings are not one JSON string
+        each: interpret them one by one. Empty texts are left out, as :meth:`interpret` does."""
         around = self._around_bytes()
         if around is None:
             return None
@@ -148,12 +173,19 @@ class ChunkInterpreter:
         # A line more in some event holds a newline between the head and tail of its line: the JSON
         # parse below refuses it there.
         lines = events[:-2].split(b"\n\n")
-        # C loops over the lines (map, set): a Python step per event would cost what this saves.
-        if set(map(itemgetter(slice(len(head))), lines)) != {head}:
+        # C loops over the lines (map, index): a Python step per event would cost what this saves. The
+        # end of an answer (its finish, usage and [DONE]) stops the run of plain lines.
+        count = _leading_true(list(map(bytes.startswith, lines, repeat(head))))
+        plain = lines if count == len(lines) else lines[:count]
+        count = _leading_true(list(map(bytes.endswith, plain, repeat(tail))))
+        if not count:
             return None
-        if set(map(itemgetter(slice(-len(tail), None)), lines)) != {tail}:
+        if count < len(plain):
+            plain = plain[:count]
+        texts = _json_strings(b"\n,".join(map(itemgetter(slice(len(head), -len(tail))), plain)), count)
+        if texts is None:
             return None
-        return _json_strings(b"\n,".join(map(itemgetter(slice(len(head), -len(tail))), lines)), len(lines))
+        return texts, len(events) if count == len(lines) else sum(map(len, plain)) + 2 * count
 
     def _around_bytes(self) -> tuple[bytes, bytes] | None:
         """The fast path's text around a content string, as the bytes of a line: ``data:`` and all."""
@@ -348,6 +380,14 @@ def _json_string(value: str) -> str | None:
     except json.JSONDecodeError:
         return None
     return text if end == len(value) else None
+
+
+def _leading_true(flags: list[bool]) -> int:
+    """How many of ``flags`` are true before the first false one."""
+    try:
+        return flags.index(False)
+    except ValueError:
+        return len(flags)
 
 
 def _json_strings(joined: bytes, count: int) -> list[str] | None:

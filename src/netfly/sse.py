@@ -115,21 +115,25 @@ class SSEDecoder:
         return events
 
     def feed_whole(
-        self, chunk: bytes, parse: Callable[[bytes], list[T] | None]
+        self, chunk: bytes, parse: Callable[[bytes], tuple[list[T], int] | None]
     ) -> tuple[list[T], list[ServerSentEvent]]:
         """:meth:`feed` ``chunk``, first offering its whole events to ``parse`` in one piece of bytes (from
-        the start of the line still pending from the read before): what ``parse`` returns for them, and the
-        events :meth:`feed` decodes of the rest. When ``parse`` returns ``None`` they are fed as usual.
+        the start of the line still pending from the read before): what ``parse`` returns for the first of
+        them, and the events :meth:`feed` decodes of the rest. ``parse`` returns its values and how many
+        bytes of the piece they span (the end of an event), or ``None``: all are fed as usual.
 
         They are offered only when this decoder would decode them exactly as if it started afresh on them:
         no event pending, no CR to fold, the piece within both limits. Then a caller that knows their shape
         (``data:`` lines of one form) may read them all at once, instead of an event object each."""
         end = self._whole_end(chunk)
         if end:
-            parsed = parse(self._buffer + chunk[:end] if self._buffer else chunk[:end])
+            piece = self._buffer + chunk[:end] if self._buffer else chunk[:end]
+            parsed = parse(piece)
             if parsed is not None:
+                values, used = parsed
                 self._buffer = b""
-                return parsed, self.feed(chunk[end:])
+                rest = chunk[end:] if used == len(piece) else piece[used:] + chunk[end:]
+                return values, self.feed(rest)
         return [], self.feed(chunk)
 
     def _whole_end(self, chunk: bytes) -> int:
