@@ -460,22 +460,31 @@ async def test_hedge_moves_on_when_the_hedged_provider_fails(scripted: Any, free
     assert slow.disconnects == 1
 
 
+async def until(condition: Callable[[], bool], seconds: float = 1.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def cancel_the_first_read(stream: ChatStream, until: Callable[[], bool]) -> None:
+    """Start reading ``stream``, and cancel that read once ``until()`` holds (a request has arrived)."""
+    task = asyncio.ensure_future(stream.__anext__())
+    while not until():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_closing_a_routed_stream_mid_race_closes_every_connection(scripted: Any) -> None:
     a = await scripted(silent_then_answer)
     b = await scripted(silent_then_answer)
     router = RetryProvider([a.provider(name="A"), b.provider(name="B")], hedge_after=0.05)
 
     stream = router.stream(None, MESSAGES)
-    task = asyncio.ensure_future(stream.__anext__())
-    while len(b.requests) == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_the_first_read(stream, until=lambda: len(b.requests) > 0)
     await stream.aclose()
-    deadline = time.monotonic() + 1.0
-    while (a.disconnects, b.disconnects) != (1, 1) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await until(lambda: (a.disconnects, b.disconnects) == (1, 1))
     assert (a.disconnects, b.disconnects) == (1, 1)
     assert {e.name: e.probing for e in router.breakers.snapshot()} == {"A": False, "B": False}
 
@@ -489,15 +498,8 @@ async def test_cancelling_a_routed_stream_before_its_first_output_closes_the_con
     await asyncio.sleep(0.02)
 
     stream = router.stream(None, MESSAGES)
-    task = asyncio.ensure_future(stream.__anext__())
-    while len(a.requests) == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    deadline = time.monotonic() + 1.0
-    while a.disconnects == 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await cancel_the_first_read(stream, until=lambda: len(a.requests) > 0)
+    await until(lambda: a.disconnects > 0)
     assert (a.disconnects, len(b.requests)) == (1, 0)
     assert [(who(x), x.error) for x in stream.stats.attempts] == [("A", "cancelled: the routed stream was closed")]
     assert router.breakers.blocked(first) is None  # a cancelled trial does not leave A skipped for good
