@@ -28,6 +28,7 @@ from netfly.gateway.redisstore import RedisStore
 from .conftest import ScriptedServer
 from .redis_server import RedisServer, redis_server
 from .test_operate import ALICE, MESSAGES, Running, digest, free_port, named_answer, wait_until_serving
+from .test_pages import wait_until
 
 __all__ = ["redis_server"]  # the fixture, imported to be used here
 
@@ -221,6 +222,31 @@ async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_se
         await sleeper
     finally:
         await runner.cleanup()
+
+
+async def test_a_lease_call_that_times_out_is_undone_once_redis_answers_and_no_socket_outlives_the_gateway(
+    scripted: Scripted, redis_server: RedisServer
+) -> None:
+    upstream = await scripted(named_answer("hi"))
+    gw, runner = await gateway_on_redis(redis_server, upstream, max_streams=2)
+    leases = "{netfly:key:alice}:streams"
+    try:
+        assert (await post(gw, stream=True))[0] == 200  # the pool is warm, the scripts loaded
+        warm = redis_server.client_sockets()
+        sleeper = asyncio.create_task(asyncio.to_thread(redis_server.command, "DEBUG", "SLEEP", "0.5"))
+        await asyncio.sleep(0.1)
+        assert (await post(gw, stream=True))[0] == 200  # its lease call timed out: a slot from memory
+        assert gw.operations is not None and gw.operations.store.status()["timeouts"] >= 1
+        await sleeper
+        # Redis ran the lease call after netfly gave up on it: the slot is taken there, and the
+        # socket of that call is closed (redis-py disconnects a connection whose read was cancelled).
+        assert redis_server.command("ZCARD", leases) == b":1\r\n"
+        assert redis_server.client_sockets() <= warm
+        await wait_until(lambda: redis_server.command("ZCARD", leases) == b":0\r\n",
+                         "the lease of the timed-out call was not removed", timeout=5)
+    finally:
+        await runner.cleanup()
+    assert redis_server.client_sockets() == 0  # closing the gateway closed every Redis connection
 
 
 def children(pid: int) -> list[int]:
