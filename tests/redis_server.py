@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,23 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(" ".join(words).encode() + b"\r\n")
             return sock.recv(4096)
+
+    def client_sockets(self) -> int:
+        """How many sockets this test process holds open to the server (its file descriptors whose TCP
+        connection, in /proc/net/tcp, is established to the server's port)."""
+        port = f"{self.port:04X}"
+        connected = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[2].endswith(f":{port}") and fields[3] == "01":  # remote address, ESTABLISHED
+                connected.add(f"socket:[{fields[9]}]")  # its inode
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found += os.readlink(f"/proc/self/fd/{fd}") in connected
+            except OSError:  # closed since listed
+                continue
+        return found
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -23,11 +23,12 @@ from aiohttp import web
 from netfly.config import parse_config
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.operations import Operations
-from netfly.gateway.redisstore import RedisStore
+from netfly.gateway.redisstore import DEFAULT_STATE_TIMEOUT, RedisStore
 
 from .conftest import ScriptedServer
 from .redis_server import RedisServer, redis_server
 from .test_operate import ALICE, MESSAGES, Running, digest, free_port, named_answer, wait_until_serving
+from .test_pages import wait_until
 
 __all__ = ["redis_server"]  # the fixture, imported to be used here
 
@@ -125,12 +126,13 @@ async def test_the_stream_slots_of_a_killed_process_expire(
         await asyncio.sleep(0.1)
 
 
-async def gateway_on_redis(redis: RedisServer, upstream: ScriptedServer, **key: Any) -> tuple[Running, Any]:
+async def gateway_on_redis(redis: RedisServer, upstream: ScriptedServer, *,
+                           state_timeout: float = DEFAULT_STATE_TIMEOUT, **key: Any) -> tuple[Running, Any]:
     config = parse_config({
         "providers": {"up": {"url": upstream.url}}, "models": {"m": {"targets": [{"provider": "up"}]}},
         "keys": {"alice": {"sha256": digest(ALICE), **key}},
     })
-    operations = Operations(config, store=RedisStore(redis.url))
+    operations = Operations(config, store=RedisStore(redis.url, timeout=state_timeout))
     runner = await start(create_app(operations=operations), "127.0.0.1", 0)
     return Running(f"http://127.0.0.1:{bound_port(runner)}", operations), runner
 
@@ -221,6 +223,36 @@ async def test_a_slow_redis_does_not_stall_a_stream(scripted: Scripted, redis_se
         await sleeper
     finally:
         await runner.cleanup()
+
+
+async def test_a_lease_call_that_times_out_is_undone_once_redis_answers_and_no_socket_outlives_the_gateway(
+    scripted: Scripted, redis_server: RedisServer
+) -> None:
+    upstream = await scripted(named_answer("hi"))
+    # A 100 ms state timeout: the lease Redis took too late is removed no sooner than 1.25 s after the
+    # call (10 timeouts + 0.25 s), long after Redis wakes from its 0.8 s sleep, when it is looked at.
+    gw, runner = await gateway_on_redis(redis_server, upstream, state_timeout=0.1, max_streams=2)
+    leases = "{netfly:key:alice}:streams"
+    try:
+        assert (await post(gw, stream=True))[0] == 200  # the pool is warm, the scripts loaded
+        # Its slot is released after the client has the answer: wait for that, or the release call
+        # could time out in the sleep below, and the lease call reconnect on its closed connection.
+        await wait_until(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", "no release", timeout=5)
+        await asyncio.sleep(0.1)
+        warm = redis_server.client_sockets()
+        sleeper = asyncio.create_task(asyncio.to_thread(redis_server.command, "DEBUG", "SLEEP", "0.8"))
+        await asyncio.sleep(0.2)
+        assert (await post(gw, stream=True))[0] == 200  # its lease call timed out: a slot from memory
+        await sleeper
+        # Redis ran the lease call after netfly gave up on it (had it answered in time, the release at
+        # the end of the request would have removed it); the socket of that call is closed.
+        assert redis_server.command("ZCARD", leases) == b":1\r\n"
+        assert redis_server.client_sockets() <= warm
+        await wait_until(lambda: redis_server.command("ZCARD", leases) == b":0\r\n",
+                         "the lease of the timed-out call was not removed", timeout=5)
+    finally:
+        await runner.cleanup()
+    assert redis_server.client_sockets() == 0  # closing the gateway closed every Redis connection
 
 
 def children(pid: int) -> list[int]:

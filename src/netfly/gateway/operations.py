@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["Operations", "RequestRecord"]
 
 logger = logging.getLogger("netfly.gateway")
+_SETTLING_PATIENCE = 2.0  # seconds that stopping waits for requests still settling before closing the store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = ("/health", "/metrics")  # /metrics has its own optional token
@@ -195,6 +196,10 @@ class Operations:
         await self.store.open()
 
     async def _close_store(self, app: web.Application) -> None:
+        # Requests whose handlers ended may still be settling (usage, slots): closing the store under
+        # them would fail their calls. Each state call is cut at its timeout, so this wait is short.
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=_SETTLING_PATIENCE)
         await self.store.close()
 
     # -- calls from the model handlers ---------------------------------------------------------

@@ -128,7 +128,9 @@ class RedisStore(StateStore):
             pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=_MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0,
                 socket_timeout=1.0, retry=Retry(NoBackoff(), 0), decode_responses=True)
-            self.client = redis.Redis(connection_pool=pool)
+            # from_pool, not Redis(connection_pool=pool): a client given a pool does not close it, so
+            # close() would leave every pooled socket open until garbage collection (redis-py #2901).
+            self.client = redis.Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigurationError(f"state URL {describe_url(url)!r}: {exc}") from None
         self._bucket = self.client.register_script(_BUCKET_LUA)
