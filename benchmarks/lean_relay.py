@@ -105,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.head = b""  # the answer's head, not yet written: it goes out with the first body bytes
         self.started = False  # some of the answer is written
         self.chunked = False
+        self.http10 = False
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -136,8 +137,14 @@ class ClientConnection(asyncio.Protocol):
         self.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in _PASSED_ON:
+        name = name.lower()
+        if name in _PASSED_ON:
             self.headers.append((name, value))
+        elif name == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
+
+    def on_headers_complete(self) -> None:
+        self.http10 = self.parser.get_http_version() == "1.0"
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -162,11 +169,14 @@ class ClientConnection(asyncio.Protocol):
 
     def begin(self, status: int, content_type: bytes, length: int | None) -> None:
         """The upstream's head: its length passed on, or the body re-chunked as it comes."""
-        self.chunked = length is None
+        self.chunked = length is None and not self.http10
+        if length is None and self.http10:  # no chunks in HTTP/1.0: the body ends with the connection
+            self.keep_alive = False
         self.head = b"".join((
             status_line(status),
             b"Content-Type: %s\r\n" % content_type if content_type else b"",
-            b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length,
+            b"Content-Length: %d\r\n" % length if length is not None else
+            b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
             b"" if self.keep_alive else b"Connection: close\r\n",
             b"\r\n",
         ))
@@ -197,6 +207,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def answer_error(self, status: int, message: str) -> None:
+        if not self.open:
+            return
         body = b'{"error":{"message":"%s","type":"relay_error"}}' % message.encode().replace(b'"', b"'")
         self.begin(status, b"application/json", len(body))
         self.send(body)
