@@ -6,8 +6,10 @@
 
 Starts the upstream (benchmarks/server.py), ``netfly serve`` twice (flags only; a config file with a
 key, limits and metrics), a bare aiohttp relay (benchmarks/aiohttp_relay.py: bytes passed on unread,
-the floor of any aiohttp gateway), and — when installed — LiteLLM's proxy (``litellm --config``, one worker,
-no database) and g4f's API server (benchmarks/g4f_api.py), each in its own process. Every
+the floor of any aiohttp gateway), the same relay without aiohttp (benchmarks/lean_relay.py: asyncio
+protocols and httptools, on asyncio's loop and on uvloop; skipped when httptools is missing), and —
+when installed — LiteLLM's proxy (``litellm --config``, one worker, no database) and g4f's API server
+(benchmarks/g4f_api.py), each in its own process. Every
 measurement runs in a fresh client process (benchmarks/gateway_client.py, raw aiohttp) that checks
 the exact text; targets are interleaved so a noisy neighbour hurts them all alike. The gateway's CPU
 seconds (``/proc/PID/stat``) and peak RSS (``VmHWM``, reset before each measurement) are its own.
@@ -96,6 +98,11 @@ def servers(names: set[str], upstream: str, directory: Path) -> dict[str, tuple[
         wanted["netfly"] = ([*serve, "--url", upstream], {})
     if "aiohttp-relay" in names:
         wanted["aiohttp-relay"] = ([sys.executable, str(HERE / "aiohttp_relay.py"), "--upstream", upstream], {})
+    lean = [sys.executable, str(HERE / "lean_relay.py"), "--upstream", upstream]
+    if "lean-relay" in names and not missing("lean-relay"):
+        wanted["lean-relay"] = (lean, {})
+    if "lean-relay-uvloop" in names and not missing("lean-relay-uvloop"):
+        wanted["lean-relay-uvloop"] = ([*lean, "--uvloop"], {})
     if "netfly-limits" in names:
         wanted["netfly-limits"] = ([*serve, "--config", str(netfly_config(directory, upstream))], {})
     litellm = shutil.which("litellm") or str(Path(sys.executable).with_name("litellm"))
@@ -135,6 +142,8 @@ def targets_for(names: list[str], upstream: str, started: dict[str, tuple[str, i
     make: dict[str, Callable[[], Target]] = {
         "direct": lambda: Target("direct", upstream, None),
         "aiohttp-relay": lambda: Target("bare aiohttp relay (yardstick)", *started["aiohttp-relay"]),
+        "lean-relay": lambda: Target("bare lean relay (asyncio + httptools)", *started["lean-relay"]),
+        "lean-relay-uvloop": lambda: Target("bare lean relay (uvloop + httptools)", *started["lean-relay-uvloop"]),
         "netfly": lambda: Target("netfly serve", *started["netfly"]),
         "netfly-limits": lambda: Target("netfly serve, key + limits + metrics", *started["netfly-limits"],
                                         model="bench", key=NETFLY_KEY),
@@ -289,9 +298,15 @@ def _f(value: float | None, spec: str) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-ALL_TARGETS = ["direct", "aiohttp-relay", "netfly", "netfly-limits", "netfly-responses", "netfly-messages",
-               "litellm", "g4f"]
-PACKAGES = ["netfly", "aiohttp", "orjson", "litellm", "g4f"]
+ALL_TARGETS = ["direct", "aiohttp-relay", "lean-relay", "lean-relay-uvloop", "netfly", "netfly-limits",
+               "netfly-responses", "netfly-messages", "litellm", "g4f"]
+PACKAGES = ["netfly", "aiohttp", "orjson", "httptools", "uvloop", "litellm", "g4f"]
+NEEDS = {"lean-relay": ("httptools",), "lean-relay-uvloop": ("httptools", "uvloop")}  # beyond netfly's own
+
+
+def missing(name: str) -> list[str]:
+    """The modules a target needs that are not installed."""
+    return [module for module in NEEDS.get(name, ()) if importlib.util.find_spec(module) is None]
 
 
 def parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,7 +382,11 @@ def start_gateways(stack: contextlib.ExitStack, names: set[str], upstream: str, 
             report["skipped"][name] = str(exc)
             print(f"  skipped {name}: {exc}", file=sys.stderr)
     for name in names - set(started) - {"direct", "netfly-responses", "netfly-messages"}:
-        report["skipped"].setdefault(name, "not installed")
+        if name not in report["skipped"]:
+            absent = missing(name)
+            report["skipped"][name] = f"{', '.join(absent)} not installed (pip install -e '.[bench]')" if absent \
+                else "not installed"
+            print(f"  skipped {name}: {report['skipped'][name]}", file=sys.stderr)
     return started
 
 
