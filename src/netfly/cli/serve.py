@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -144,6 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
                        args.host)
     if args.worker:
         watch_supervisor()
+    _settle_the_heap()
     try:
         asyncio.run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
                                        shutdown_timeout=args.shutdown_grace, limits=limits, reuse_port=args.worker))
@@ -152,6 +154,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # cannot bind: port in use, address not available, permission
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _settle_the_heap() -> None:
+    """Leave what start-up built (modules, config, the app: most of the heap) out of every later
+    garbage collection: a full collection then walks only the objects of requests in flight, and
+    stalls every stream for a few milliseconds instead of tens (measured at 200 streams)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _check_workers(args: argparse.Namespace, operations: Operations) -> None:
