@@ -485,7 +485,7 @@ class _Runner:
     started: float
     # Read in a task only when providers may overlap (hedging); else awaited in place.
     first: asyncio.Task[tuple[list[Item], bool]] | None = None
-    output: tuple[list[Item], bool] = ([], False)
+    output: tuple[list[Item], bool] | None = None  # the items up to its first output; whether it ended
 
 
 async def _until_output(stream: ChatStream) -> tuple[list[Item], bool]:
@@ -531,6 +531,7 @@ class RoutedStream(ChatStream):
             stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
+            assert winner.output is not None  # the race returns a runner that has answered
             items, ended = winner.output
             self.at_end = winner.stream.at_end
             if items:
