@@ -23,7 +23,7 @@ from aiohttp import web
 from netfly.config import parse_config
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.operations import Operations
-from netfly.gateway.redisstore import DEFAULT_STATE_TIMEOUT, RedisStore
+from netfly.gateway.redisstore import DEFAULT_STATE_TIMEOUT, RedisStore, redis_key
 
 from .conftest import ScriptedServer
 from .redis_server import RedisServer, redis_server
@@ -253,6 +253,20 @@ async def test_a_lease_call_that_times_out_is_undone_once_redis_answers_and_no_s
     finally:
         await runner.cleanup()
     assert redis_server.client_sockets() == 0  # closing the gateway closed every Redis connection
+
+
+async def test_a_call_after_the_store_closed_is_answered_from_memory_and_opens_no_socket(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.url)
+    await store.open()
+    assert store.shared
+    await store.close()
+    assert redis_server.client_sockets() == 0
+    await store.add("usage:late", {"requests": 1})  # a request that settles after the gateway stopped
+    assert await store.lease("streams:late", 1, 30.0) is not None
+    assert redis_server.client_sockets() == 0
+    assert redis_server.command("EXISTS", redis_key("usage:late")) == b":0\r\n"  # counted in memory
 
 
 def children(pid: int) -> list[int]:

@@ -163,6 +163,9 @@ class RedisStore(StateStore):
         self.bench.start()
 
     async def close(self) -> None:
+        # Calls after this (a request still settling) are answered from memory: the closed pool would
+        # open a new connection for them, and nothing would close it.
+        self.shared = False
         await self.bench.stop()
         await cancel_and_wait([task for task in (self._keeper, self._beating) if task is not None])
         await self.client.aclose()
