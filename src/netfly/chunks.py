@@ -175,13 +175,11 @@ class ChunkInterpreter:
         lines = events[:-2].split(b"\n\n")
         # C loops over the lines (map, index): a Python step per event would cost what this saves. The
         # end of an answer (its finish, usage and [DONE]) stops the run of plain lines.
-        count = _leading_true(list(map(bytes.startswith, lines, repeat(head))))
-        plain = lines if count == len(lines) else lines[:count]
-        count = _leading_true(list(map(bytes.endswith, plain, repeat(tail))))
+        heads = _leading_true(list(map(bytes.startswith, lines, repeat(head))))
+        plain = lines[: _leading_true(list(map(bytes.endswith, lines[:heads], repeat(tail))))]
+        count = len(plain)
         if not count:
             return None
-        if count < len(plain):
-            plain = plain[:count]
         texts = _json_strings(b"\n,".join(map(itemgetter(slice(len(head), -len(tail))), plain)), count)
         if texts is None:
             return None
