@@ -53,7 +53,9 @@ def _default_ssl_context() -> ssl.SSLContext:
 def request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
     """The request line and headers, with aiohttp's defaults for what the caller did not set."""
     given = {name.lower() for name in headers}
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines = [f"{method} {target} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: {host}")
     if "accept" not in given:
         lines.append("Accept: */*")
     if "accept-encoding" not in given:
