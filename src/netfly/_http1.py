@@ -41,8 +41,9 @@ class ConnectError(aiohttp.ClientConnectionError):
         self.os_error = os_error
 
 
-class ResponseHeadError(aiohttp.ClientError):
-    """The upstream sent no valid HTTP/1.1 response head (malformed, too large, an upgrade)."""
+class InvalidResponseError(aiohttp.ClientError):
+    """The upstream's response is not valid HTTP/1.1: a malformed or too large head, an upgrade, a
+    malformed chunked body."""
 
 
 @functools.cache
@@ -134,11 +135,11 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(ResponseHeadError("the server switched protocols"))
+            self._fail(InvalidResponseError("the server switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(self._fault or ResponseHeadError(f"invalid HTTP response: {exc}"))
+            self._fail(self._fault or InvalidResponseError(f"invalid HTTP response: {exc}"))
         if not self.head_done and self.head_bytes > MAX_HEAD:
-            self._fail(ResponseHeadError(f"response head larger than {MAX_HEAD} bytes"))
+            self._fail(InvalidResponseError(f"response head larger than {MAX_HEAD} bytes"))
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -216,7 +217,7 @@ class Connection(asyncio.Protocol):
         self.complete, self.keep_alive = True, self.parser.should_keep_alive()
 
     def _refuse(self, why: str) -> None:
-        self._fault = ResponseHeadError(why)
+        self._fault = InvalidResponseError(why)
         raise self._fault  # stops the parser: feed_data raises HttpParserCallbackError
 
     def _fail(self, error: BaseException) -> None:

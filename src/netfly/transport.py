@@ -595,8 +595,11 @@ def _lean_route(url: str) -> _Route | None:
 
 
 def _plain_headers(headers: Mapping[str, str]) -> bool:
-    # aiohttp refuses a header with a line break in it (ValueError): leave those to it, unchanged.
-    return not any("\n" in value or "\r" in value for value in headers.values())
+    # aiohttp refuses a header with a line break in it (ValueError): leave those to it, unchanged. A
+    # caller's own Accept-Encoding may ask for brotli, which only aiohttp decodes.
+    return not any("\n" in value or "\r" in value for value in headers.values()) and not any(
+        name.lower() == "accept-encoding" for name in headers
+    )
 
 
 async def _open_lean(
