@@ -8,7 +8,8 @@ import zlib
 
 import pytest
 
-from netfly import FreeNetfly, StreamInterruptedError, TransportError
+from netfly import FreeNetfly, StreamInterruptedError, Timeout, TransportError, aclose
+from netfly.transport import open_stream
 
 from .conftest import answer, chunk, sse
 
@@ -122,3 +123,18 @@ async def test_an_endless_response_head_is_refused_at_64_kib() -> None:
     async with RawServer(endless) as server:
         with pytest.raises(TransportError, match=r"response head larger than 65536 bytes"):
             await complete(server.url)
+
+
+async def test_small_chunks_that_arrived_together_are_handed_on_in_one_read() -> None:
+    events = [sse(chunk(f"w{i} "), done=False) for i in range(40)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"  # a chunk per event
+    async with RawServer(response(framed, "Transfer-Encoding: chunked")) as server:
+        opened = await open_stream(f"{server.url}/v1/chat/completions", b"{}", {}, target="raw", timeout=Timeout())
+        try:
+            await asyncio.sleep(0.1)  # all of it has arrived
+            reads = [raw async for raw in opened]
+        finally:
+            opened.release()
+    assert b"".join(reads) == b"".join(events)
+    assert len(reads) == 1  # not one read per chunk
+    await aclose()

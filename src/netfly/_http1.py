@@ -274,15 +274,32 @@ class Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             await self._wait()
-        piece = self.body.popleft()
-        if len(piece) > size:
-            piece, rest = piece[:size], piece[size:]
-            self.body.appendleft(rest)
+        piece = self._take(size)
         self.buffered -= len(piece)
         if self.paused and self.buffered <= _PAUSE_AT // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         return piece
+
+    def _take(self, size: int) -> bytes:
+        """Up to ``size`` of the buffered body bytes: every piece that has arrived, as aiohttp's reads
+        do, so a burst of small chunks (an event each, from most servers) is handed on in one read."""
+        body = self.body
+        piece = body.popleft()
+        if len(piece) >= size or not body:
+            if len(piece) > size:
+                body.appendleft(piece[size:])
+                piece = piece[:size]
+            return piece
+        parts, taken = [piece], len(piece)
+        while body and taken < size:
+            piece = body.popleft()
+            if taken + len(piece) > size:
+                body.appendleft(piece[size - taken:])
+                piece = piece[: size - taken]
+            parts.append(piece)
+            taken += len(piece)
+        return b"".join(parts)
 
     async def read(self, size: int) -> bytes:
         """Up to ``size`` bytes of the body, decoded; b"" at the end."""
