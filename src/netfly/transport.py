@@ -2,6 +2,10 @@
 streamed response (:func:`open_stream`), status → error mapping, draining and releasing connections;
 client failures become netfly errors here and nowhere else.
 
+:func:`open_stream` without a proxy goes through :mod:`netfly._http1`, a lean HTTP/1.1 client (a
+quarter of the gateway's CPU per request was aiohttp's client); proxies, URLs with credentials and
+anything else it does not take go through aiohttp. This module is the one place that chooses.
+
 One :class:`aiohttp.ClientSession` is kept per event loop (and per SOCKS proxy, which needs its own
 connector) and reused by every call. Sessions are closed by :func:`aclose`, or automatically when
 ``asyncio.run`` shuts its loop down: a small async generator registered with the loop is finalized
@@ -14,6 +18,7 @@ import asyncio
 import base64
 import functools
 import io
+import re
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from . import _checks, _json
+from . import _checks, _http1, _json
 from .errors import (
     ConfigurationError,
     NetflyError,
@@ -172,13 +177,24 @@ class SessionPool:
             weakref.WeakKeyDictionary()
         )
 
-    async def session(self, proxy: Proxy | None = None) -> aiohttp.ClientSession:
+    async def _loop_sessions(self) -> _LoopSessions:
         loop = asyncio.get_running_loop()
         sessions = self._by_loop.get(loop)
         if sessions is None:
             sessions = _LoopSessions()
             self._by_loop[loop] = sessions
             await sessions.watch_loop_shutdown()
+        return sessions
+
+    async def http1(self) -> _http1.Pool:
+        """The running loop's lean keep-alive pool (direct requests)."""
+        sessions = await self._loop_sessions()
+        if sessions.http1 is None:
+            sessions.http1 = _http1.Pool()
+        return sessions.http1
+
+    async def session(self, proxy: Proxy | None = None) -> aiohttp.ClientSession:
+        sessions = await self._loop_sessions()
         key = str(proxy) + (proxy.password or "") if proxy is not None and proxy.is_socks else ""
         session = sessions.by_key.get(key)
         if session is None or session.closed:
@@ -204,6 +220,7 @@ class SessionPool:
 class _LoopSessions:
     def __init__(self) -> None:
         self.by_key: dict[str, aiohttp.ClientSession] = {}
+        self.http1: _http1.Pool | None = None
         self._watcher: AsyncIterator[None] | None = None
 
     async def watch_loop_shutdown(self) -> None:
@@ -227,6 +244,9 @@ class _LoopSessions:
 
     async def _close_sessions(self) -> None:
         sessions, self.by_key = list(self.by_key.values()), {}
+        http1, self.http1 = self.http1, None
+        if http1 is not None:
+            await http1.aclose()
         for session in sessions:
             await session.close()
 
@@ -293,7 +313,7 @@ def translate_client_error(
             f"proxy {proxy} refused the tunnel to {target}: HTTP {exc.status} {exc.message}",
             retryable=exc.status != 407,
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, _http1.ConnectError)):
         return TransportError(f"cannot connect to {target}{via}: {_describe(exc.os_error)}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return TransportError(f"{target} closed the connection{via}")
@@ -321,7 +341,8 @@ async def fetch_json(
             method, url, headers=headers, data=body, timeout=limits, allow_redirects=False
         ) as response:
             if response.status >= 300:
-                raise await _status_error(response, target=target, proxy=None, secrets=secrets)
+                failed = _AiohttpResponse(response, _Failure(target, None, timeout, secrets))
+                raise await _status_error(failed, target=target, proxy=None, secrets=secrets)
             raw = await response.read()
     except CLIENT_FAILURES as exc:
         raise translate_client_error(exc, target=target, proxy=None, timeout=timeout) from None
@@ -335,18 +356,21 @@ async def fetch_json(
 
 
 class StreamingResponse:
-    """An open response with a 2xx status whose body is read as it arrives.
+    """An open response whose body is read as it arrives; :func:`open_stream` returns it with a 2xx status.
 
     Iterate it for the body's bytes (reads of at most 16 KiB), or :meth:`read` a bounded whole body.
     Client failures while reading raise netfly errors. :meth:`drain` after the answer's end lets the
     connection be reused; :meth:`release` (always, in a ``finally``) returns a fully read connection
-    to the pool and drops any other.
+    to the pool and drops any other. Two kinds: aiohttp's and the lean client's.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, fail: _Failure) -> None:
-        self._response = response
+    status: int
+    reason: str
+    headers: Mapping[str, str]  # looked up by lower-case name
+    content_type: str
+
+    def __init__(self, fail: _Failure) -> None:
         self._fail = fail
-        self.content_type = response.content_type
 
     def __aiter__(self) -> StreamingResponse:
         # An iterator object, not an async generator: a caller that stops at the answer's end
@@ -357,7 +381,7 @@ class StreamingResponse:
         # Bounded reads: a burst (a fast server, a proxy flushing its buffer) is handed on a slice
         # at a time, so its first text is not held back behind the whole burst.
         try:
-            raw = await self._response.content.read(_READ_SIZE)
+            raw = await self._read(_READ_SIZE)
         except CLIENT_FAILURES as exc:
             raise self._fail(exc) from None
         if not raw:
@@ -367,30 +391,106 @@ class StreamingResponse:
     async def read(self, limit: int) -> bytes:
         """The body, up to ``limit`` bytes."""
         try:
-            return await _read_limited(self._response, limit)
+            return await self._read_limited(limit)
         except CLIENT_FAILURES as exc:
             raise self._fail(exc) from None
+
+    async def _read_limited(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while size < limit:
+            raw = await self._read(_READ_SIZE)
+            if not raw:
+                break
+            parts.append(raw)
+            size += len(raw)
+        return b"".join(parts)[:limit]
+
+    async def drain(self) -> None:
+        """Read what follows the answer's end (normally just the end of the body), briefly."""
+        if self.at_end:
+            return
+        try:
+            await asyncio.wait_for(self._read_to_end(), _DRAIN_AFTER_END)
+        except CLIENT_FAILURES:  # asyncio.TimeoutError included
+            pass  # the answer is complete; the connection is simply not reused
+
+    async def _read_to_end(self) -> None:
+        while await self._read(_READ_SIZE):
+            pass
+
+    async def _read(self, size: int) -> bytes:
+        """Up to ``size`` body bytes, b"" at the end; client failures raised as they are."""
+        raise NotImplementedError
 
     @property
     def at_end(self) -> bool:
         """Whether the body has ended (its end has arrived): :meth:`drain` would not wait."""
-        return self._response.content.is_eof()
+        raise NotImplementedError
 
-    async def drain(self) -> None:
-        """Read what follows the answer's end (normally just the end of the body), briefly."""
-        content = self._response.content
-        if content.is_eof():
-            return
-        try:
-            await asyncio.wait_for(_read_to_eof(content), _DRAIN_AFTER_END)
-        except CLIENT_FAILURES:  # asyncio.TimeoutError included
-            pass  # the answer is complete; the connection is simply not reused
+    def release(self) -> None:
+        """Back to the pool when read to the end; else (early exit, cancellation, error) dropped now."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the connection, whatever is left of the body."""
+        raise NotImplementedError
+
+
+class _AiohttpResponse(StreamingResponse):
+    def __init__(self, response: aiohttp.ClientResponse, fail: _Failure) -> None:
+        super().__init__(fail)
+        self._response = response
+        self.status, self.reason, self.headers = response.status, response.reason or "", response.headers
+        self.content_type = response.content_type
+
+    async def _read(self, size: int) -> bytes:
+        return await self._response.content.read(size)
+
+    @property
+    def at_end(self) -> bool:
+        return self._response.content.is_eof()
 
     def release(self) -> None:
         if self._response.content.is_eof():
             self._response.release()  # back to the pool for the next call
         else:
             self._response.close()  # early exit, cancellation or error: drop the connection now
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class _LeanResponse(StreamingResponse):
+    def __init__(self, connection: _http1.Connection, fail: _Failure) -> None:
+        super().__init__(fail)
+        self._connection: _http1.Connection | None = connection
+        self.status, self.headers = connection.status, connection.headers
+        self.reason = connection.reason.decode("latin-1")
+        raw_type = connection.headers.get("content-type", "")
+        self.content_type = raw_type.partition(";")[0].strip().lower() or "application/octet-stream"
+        self._at_end = False
+
+    async def _read(self, size: int) -> bytes:
+        if self._connection is None:
+            return b""
+        return await self._connection.read(size)
+
+    @property
+    def at_end(self) -> bool:
+        return self._at_end if self._connection is None else self._connection.at_end
+
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:  # once: a released connection may already serve another call
+            self._at_end = connection.at_end
+            connection.release()
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.busy = False
+            connection.close()
 
 
 class _Failure:
@@ -425,24 +525,16 @@ async def open_stream(
     client failure its :class:`TransportError`. ``remaining`` bounds this request's total time.
     """
     fail = _Failure(target, proxy, timeout, secrets)
-    http_proxy = proxy if proxy is not None and not proxy.is_socks else None
-    headers, proxy_headers = _with_proxy_authorization(url, headers, http_proxy)
+    route = _lean_route(url) if proxy is None and _plain_headers(headers) else None
     try:
-        session = await (pool or default_pool).session(proxy)
-        response = await session.post(
-            url,
-            data=io.BytesIO(payload) if len(payload) > 512 * 1024 else payload,  # aiohttp warns about big bytes
-            headers=headers,
-            proxy=http_proxy.url_without_credentials if http_proxy else None,
-            proxy_headers=proxy_headers,
-            timeout=client_timeout(timeout, remaining),
-            # Never followed: see RedirectError (a POST turned into a GET, credentials to another host).
-            allow_redirects=False,
-        )
+        if route is not None:
+            response = await _open_lean(route, payload, headers, timeout, remaining, pool, fail)
+        else:
+            response = await _open_aiohttp(url, payload, headers, timeout, remaining, proxy, pool, fail)
     except CLIENT_FAILURES as exc:
         raise fail(exc) from None
     if response.status < 300:
-        return StreamingResponse(response, fail)
+        return response
     try:
         raise await _status_error(response, target=target, proxy=proxy, secrets=secrets)
     except CLIENT_FAILURES as exc:
@@ -451,8 +543,79 @@ async def open_stream(
         response.close()
 
 
+async def _open_aiohttp(
+    url: str, payload: bytes, headers: Mapping[str, str], timeout: Timeout, remaining: float | None,
+    proxy: Proxy | None, pool: SessionPool | None, fail: _Failure,
+) -> StreamingResponse:
+    http_proxy = proxy if proxy is not None and not proxy.is_socks else None
+    headers, proxy_headers = _with_proxy_authorization(url, headers, http_proxy)
+    session = await (pool or default_pool).session(proxy)
+    response = await session.post(
+        url,
+        data=io.BytesIO(payload) if len(payload) > 512 * 1024 else payload,  # aiohttp warns about big bytes
+        headers=headers,
+        proxy=http_proxy.url_without_credentials if http_proxy else None,
+        proxy_headers=proxy_headers,
+        timeout=client_timeout(timeout, remaining),
+        # Never followed: see RedirectError (a POST turned into a GET, credentials to another host).
+        allow_redirects=False,
+    )
+    return _AiohttpResponse(response, fail)
+
+
+@dataclass(frozen=True)
+class _Route:
+    origin: _http1.Origin
+    target: str  # path and query, as sent
+    host: str  # the Host header
+
+
+# What the lean client sends verbatim: aiohttp (yarl) would re-quote or normalise anything else.
+_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?&=+,;!$'()*@\[\]]*")
+
+
+@functools.lru_cache(maxsize=256)
+def _lean_route(url: str) -> _Route | None:
+    """Where the lean client sends a POST to ``url``, or None for a URL it leaves to aiohttp."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    if not _PLAIN_URL.fullmatch(url) or "/." in parts.path:
+        return None
+    default_port = 443 if scheme == "https" else 80
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host_header = host if port in (None, default_port) else f"{host}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Route((scheme, parts.hostname, port or default_port), target, host_header)
+
+
+def _plain_headers(headers: Mapping[str, str]) -> bool:
+    # aiohttp refuses a header with a line break in it (ValueError): leave those to it, unchanged. A
+    # caller's own Accept-Encoding may ask for brotli, which only aiohttp decodes.
+    return not any("\n" in value or "\r" in value for value in headers.values()) and not any(
+        name.lower() == "accept-encoding" for name in headers
+    )
+
+
+async def _open_lean(
+    route: _Route, payload: bytes, headers: Mapping[str, str], timeout: Timeout, remaining: float | None,
+    pool: SessionPool | None, fail: _Failure,
+) -> StreamingResponse:
+    http1 = await (pool or default_pool).http1()
+    head = _http1.request_head("POST", route.target, route.host, headers, len(payload))
+    connection = await http1.request(
+        route.origin, head, payload, connect=timeout.connect, idle=timeout.idle, remaining=remaining
+    )
+    return _LeanResponse(connection, fail)
+
+
 async def _status_error(
-    response: aiohttp.ClientResponse, *, target: str, proxy: Proxy | None, secrets: tuple[str, ...]
+    response: StreamingResponse, *, target: str, proxy: Proxy | None, secrets: tuple[str, ...]
 ) -> NetflyError:
     if response.status == 407 and proxy is not None and not proxy.is_socks:
         # A plain-http target through an HTTP proxy: the proxy's refusal arrives as the response.
@@ -460,7 +623,7 @@ async def _status_error(
             f"proxy {proxy} refused the credentials for {target}: HTTP 407 {response.reason}", retryable=False
         )
     if 300 <= response.status < 400:
-        location = clip(redact_url(response.headers.get("Location", "")), _LOCATION_CHARS, secrets)
+        location = clip(redact_url(response.headers.get("location", "")), _LOCATION_CHARS, secrets)
         return RedirectError(response.status, location, provider=target)
     body = await _error_body(response, secrets)
     return error_for_status(
@@ -472,10 +635,10 @@ async def _status_error(
     )
 
 
-async def _error_body(response: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> Any:
+async def _error_body(response: StreamingResponse, secrets: tuple[str, ...]) -> Any:
     """The error body, parsed as JSON when it is JSON, else its text; scrubbed of ``secrets``."""
     try:
-        raw = await _read_limited(response, _ERROR_BODY_LIMIT)
+        raw = await response._read_limited(_ERROR_BODY_LIMIT)
     except CLIENT_FAILURES:
         raw = b""
     # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub the raw text before
@@ -508,19 +671,3 @@ def _with_proxy_authorization(
     if url.lower().startswith("https:"):
         return headers, authorization
     return {**headers, **authorization}, None
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for raw in response.content.iter_any():
-        parts.append(raw)
-        size += len(raw)
-        if size >= limit:
-            break
-    return b"".join(parts)[:limit]
-
-
-async def _read_to_eof(content: aiohttp.StreamReader) -> None:
-    while await content.readany():
-        pass
