@@ -638,8 +638,8 @@ async def _status_error(
 async def _error_body(response: StreamingResponse, secrets: tuple[str, ...]) -> Any:
     """The error body, parsed as JSON when it is JSON, else its text; scrubbed of ``secrets``."""
     try:
-        raw = await response._read_limited(_ERROR_BODY_LIMIT)
-    except CLIENT_FAILURES:
+        raw = await response.read(_ERROR_BODY_LIMIT)
+    except NetflyError:  # a body cut short is no reason to hide the status
         raw = b""
     # Servers echo a wrong key back ("Incorrect API key provided: sk-..."): scrub the raw text before
     # parsing, and the parsed body after, since JSON may have escaped the key (``\/`` for ``/``).
