@@ -4,11 +4,12 @@
     python benchmarks/gateway.py --quick    # a smoke run
     python benchmarks/gateway.py --targets direct,netfly,netfly-limits   # a subset
 
-Starts the upstream (benchmarks/server.py), ``netfly serve`` twice (flags only; a config file with a
-key, limits and metrics), a bare aiohttp relay (benchmarks/aiohttp_relay.py: bytes passed on unread,
-the floor of any aiohttp gateway), the same relay without aiohttp (benchmarks/lean_relay.py: asyncio
-protocols and httptools, on asyncio's loop and on uvloop; skipped when httptools is missing), and —
-when installed — LiteLLM's proxy (``litellm --config``, one worker, no database) and g4f's API server
+Starts the upstream (benchmarks/server.py), ``netfly serve`` (flags only, on uvloop; the same on
+asyncio's loop; a config file with a key, limits and metrics), a bare aiohttp relay
+(benchmarks/aiohttp_relay.py: bytes passed on unread, the floor of any aiohttp gateway), the same
+relay without aiohttp (benchmarks/lean_relay.py: asyncio protocols and httptools, on asyncio's loop
+and on uvloop), and — when installed — LiteLLM's proxy (``litellm --config``, one worker, no
+database) and g4f's API server
 (benchmarks/g4f_api.py), each in its own process. Every
 measurement runs in a fresh client process (benchmarks/gateway_client.py, raw aiohttp) that checks
 the exact text; targets are interleaved so a noisy neighbour hurts them all alike. The gateway's CPU
@@ -96,6 +97,8 @@ def servers(names: set[str], upstream: str, directory: Path) -> dict[str, tuple[
     wanted: dict[str, tuple[list[str], dict[str, str]]] = {}
     if names & {"netfly", "netfly-responses", "netfly-messages"}:
         wanted["netfly"] = ([*serve, "--url", upstream], {})
+    if "netfly-asyncio" in names:
+        wanted["netfly-asyncio"] = ([*serve, "--url", upstream, "--loop", "asyncio"], {})
     if "aiohttp-relay" in names:
         wanted["aiohttp-relay"] = ([sys.executable, str(HERE / "aiohttp_relay.py"), "--upstream", upstream], {})
     lean = [sys.executable, str(HERE / "lean_relay.py"), "--upstream", upstream]
@@ -145,6 +148,7 @@ def targets_for(names: list[str], upstream: str, started: dict[str, tuple[str, i
         "lean-relay": lambda: Target("bare lean relay (asyncio + httptools)", *started["lean-relay"]),
         "lean-relay-uvloop": lambda: Target("bare lean relay (uvloop + httptools)", *started["lean-relay-uvloop"]),
         "netfly": lambda: Target("netfly serve", *started["netfly"]),
+        "netfly-asyncio": lambda: Target("netfly serve --loop asyncio", *started["netfly-asyncio"]),
         "netfly-limits": lambda: Target("netfly serve, key + limits + metrics", *started["netfly-limits"],
                                         model="bench", key=NETFLY_KEY),
         "netfly-responses": lambda: Target("netfly serve, Responses API", *started["netfly"], api="responses"),
@@ -298,8 +302,8 @@ def _f(value: float | None, spec: str) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-ALL_TARGETS = ["direct", "aiohttp-relay", "lean-relay", "lean-relay-uvloop", "netfly", "netfly-limits",
-               "netfly-responses", "netfly-messages", "litellm", "g4f"]
+ALL_TARGETS = ["direct", "aiohttp-relay", "lean-relay", "lean-relay-uvloop", "netfly", "netfly-asyncio",
+               "netfly-limits", "netfly-responses", "netfly-messages", "litellm", "g4f"]
 PACKAGES = ["netfly", "aiohttp", "orjson", "httptools", "uvloop", "litellm", "g4f"]
 NEEDS = {"lean-relay": ("httptools",), "lean-relay-uvloop": ("httptools", "uvloop")}  # beyond netfly's own
 

@@ -736,11 +736,12 @@ def test_create_app_rejects_bad_settings() -> None:
         create_app(OpenAICompatible, proxy="ftp://nowhere")
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-async def test_netfly_serve_command(scripted: Scripted, stop_signal: signal.Signals) -> None:
+@pytest.mark.parametrize(("stop_signal", "loop"), [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto"),
+                                                    (signal.SIGTERM, "asyncio")])
+async def test_netfly_serve_command(scripted: Scripted, stop_signal: signal.Signals, loop: str) -> None:
     upstream = await scripted(replying(text_answer("served")))
     # The signal goes out as soon as the gateway says it listens: its handler must be in place by then.
-    process, port, head = await netfly_serve("--url", upstream.url, "--retries", "1",
+    process, port, head = await netfly_serve("--url", upstream.url, "--retries", "1", "--loop", loop,
                                              env={"NETFLY_AUTH_TOKEN": TOKEN})
     try:
         gw = Gateway(f"http://127.0.0.1:{port}")
@@ -758,6 +759,7 @@ async def test_netfly_serve_command(scripted: Scripted, stop_signal: signal.Sign
     assert process.returncode == 0
     log = "".join(head) + stderr.decode()
     assert f"listening on http://127.0.0.1:{port}" in log
+    assert f"event loop: {'asyncio' if loop == 'asyncio' else 'uvloop'}" in log  # uvloop is a dependency
     assert "GET /health 401 " in log and "POST /v1/chat/completions 200 " in log
     assert TOKEN not in log
 

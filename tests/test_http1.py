@@ -138,3 +138,17 @@ async def test_small_chunks_that_arrived_together_are_handed_on_in_one_read() ->
     assert b"".join(reads) == b"".join(events)
     assert len(reads) == 1  # not one read per chunk
     await aclose()
+
+
+def test_the_client_runs_on_uvloop() -> None:
+    # uvloop's create_connection takes no happy-eyeballs arguments: passing them was a TypeError.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def kept_connection() -> list[str]:
+        async with RawServer(sized(answer("on ", "uvloop"))) as server:
+            try:
+                return [await complete(server.url) for _ in range(2)]
+            finally:
+                await aclose()
+
+    assert uvloop.run(kept_connection()) == ["on uvloop"] * 2

@@ -15,7 +15,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 import httptools
@@ -49,6 +49,14 @@ class InvalidResponseError(aiohttp.ClientError):
 @functools.cache
 def _default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()  # loading the CA store takes milliseconds: once per process
+
+
+def _eyeballs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """Happy eyeballs where the loop has it: asyncio's does, uvloop's ``create_connection`` rejects the
+    arguments (it tries the addresses in turn)."""
+    if isinstance(loop, asyncio.BaseEventLoop):
+        return {"happy_eyeballs_delay": _HAPPY_EYEBALLS_DELAY, "interleave": 1}
+    return {}
 
 
 def request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
@@ -395,8 +403,7 @@ class Pool:
         try:
             _, connection = await self.loop.create_connection(
                 lambda: Connection(self, origin), host, port, ssl=context,
-                server_hostname=host if context is not None else None,
-                happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, interleave=1,
+                server_hostname=host if context is not None else None, **_eyeballs(self.loop),
             )
         except OSError as exc:  # socket.gaierror, refusals, TLS failures (ssl.SSLError is an OSError)
             raise ConnectError(exc) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import ipaddress
 import logging
@@ -27,6 +26,7 @@ from ..provider import Provider
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
 from .config import operations_from_args, serve_with_metrics
+from .loops import LOOPS, chosen_loop, run
 from .workers import WORKER_FLAG, Supervisor, watch_supervisor, worker_argv
 
 TOKEN_ENV = "NETFLY_AUTH_TOKEN"
@@ -72,6 +72,8 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE, metavar="SECONDS",
                         help=f"comment line on a silent stream every SECONDS (default: {DEFAULT_KEEPALIVE:g}; "
                         "0: never)")
+    parser.add_argument("--loop", choices=LOOPS, default="auto",
+                        help="event loop: uvloop when installed (auto, the default), or asyncio's own")
     _add_connection_options(parser)
     _add_scale_options(parser)
     parser.set_defaults(func=run_serve)
@@ -145,10 +147,12 @@ def run_serve(args: argparse.Namespace) -> int:
                        args.host)
     if args.worker:
         watch_supervisor()
+    loop = chosen_loop(args.loop)
+    logger.info("event loop: %s", loop)
     _settle_the_heap()
     try:
-        asyncio.run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
-                                       shutdown_timeout=args.shutdown_grace, limits=limits, reuse_port=args.worker))
+        run(serve_with_metrics(app, args.host, args.port, operations, settings.metrics_port,
+                               shutdown_timeout=args.shutdown_grace, limits=limits, reuse_port=args.worker), loop)
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # cannot bind: port in use, address not available, permission
