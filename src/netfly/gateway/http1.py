@@ -152,6 +152,7 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._fields: dict[str, str] = {}
         self._field_count = 0
+        self._head_size = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._url, self._fields, self._field_count = b"", {}, 0
+        self._url, self._fields, self._field_count, self._head_size = b"", {}, 0, 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -213,10 +214,14 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._field_count += 1
-        if len(name) + len(value) > MAX_LINE:
+        size = len(name) + len(value)
+        self._head_size += size
+        if size > MAX_LINE:
             self._refuse(431, f"header field longer than {MAX_LINE} bytes", "head_too_large")
         if self._field_count > MAX_HEADERS:
             self._refuse(431, f"more than {MAX_HEADERS} header fields", "head_too_large")
+        if self._head_size > MAX_HEAD:  # a head that arrived in one read: counted here, not in data_received
+            self._refuse(431, f"request head larger than {MAX_HEAD} bytes", "head_too_large")
         # aiohttp's decoding: bytes that are not UTF-8 survive as the bytes they are (a token compares right).
         self._fields.setdefault(name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape"))
 
