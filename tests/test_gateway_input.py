@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from netfly import OpenAICompatible
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.logfmt import MAX_FIELD_CHARS, access_line, log_field
+from netfly.gateway.server import Runner
 
 from .conftest import answer
 
@@ -35,7 +36,7 @@ async def _upstream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _start_pair() -> tuple[list[web.AppRunner], int]:
+async def _start_pair() -> tuple[list[Runner | web.AppRunner], int]:
     upstream_app = web.Application()
     upstream_app.router.add_route("*", "/{tail:.*}", _upstream)
     upstream = web.AppRunner(upstream_app, access_log=None)

@@ -181,6 +181,8 @@ class Connection(asyncio.Protocol):
                 self._malformed(_Refusal(431, f"request head larger than {MAX_HEAD} bytes", "head_too_large"))
             elif self.task is None and self._timer_kind != _HEAD:
                 self._arm(self.limits.header_timeout, _HEAD)
+        elif self._incoming is not None and self._incoming is self.current and self._timer_kind != _BODY:
+            self._arm(self.limits.body_timeout, _BODY)  # a body still arriving after this read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -282,8 +284,6 @@ class Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self.current, self.response, self._answered, self._keep = request, None, False, False
-        if not request.complete:
-            self._arm(self.limits.body_timeout, _BODY)
         self.listener.started()
         self.task = self.loop.create_task(self._serve(request))
 
@@ -297,7 +297,7 @@ class Connection(asyncio.Protocol):
                 logger.exception("unexpected error handling %s %s", request.method, request.raw_path)
                 response = text_response("500: Internal Server Error", status=500)
             self._answer(request, response)
-        except ValueError:  # a response header with a line break: a bug, never sent
+        except Exception:  # a response header with a line break, say: a bug, never sent
             logger.exception("unexpected error answering %s %s", request.method, request.raw_path)
             self.close()
         except asyncio.CancelledError:
@@ -381,6 +381,8 @@ class Connection(asyncio.Protocol):
         request = self._queue.popleft()
         if not self._queue and not self._stopped:
             self._resume_reading()
+        if not request.complete:  # its body was cut off by the pause: timed from now
+            self._arm(self.limits.body_timeout, _BODY)
         self._dispatch(request)
 
     def _linger(self, request: Request) -> None:
