@@ -106,7 +106,7 @@ class Listener:
 
     def abort_all(self) -> None:
         for connection in list(self.connections):
-            connection.abort()
+            connection.close(abort=True)
 
 
 class _Refused(asyncio.Protocol):
@@ -140,7 +140,8 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_kind = 0
+        self._timer_kind = 0  # what the deadline is for (0: nothing)
+        self._deadline = 0.0
         self._incoming: Request | None = None  # the request whose body is arriving
         self._lingering: Request | None = None  # answered, its unread body drained before closing
         self._queue: deque[Request] = deque()
@@ -186,6 +187,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
         self.listener.closed(self)
         self.transport = None
         if self.task is not None:
@@ -457,17 +460,29 @@ class Connection(asyncio.Protocol):
         self._pause_reading()
 
     def _arm(self, delay: float, kind: int) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, self._expired, kind)
+        """Time ``kind`` out ``delay`` seconds from now. One loop timer serves every deadline of the
+        connection: it is moved only to an earlier time, so a kept-alive connection does not schedule
+        (and cancel) a timer per request; one that fires early re-arms for the deadline."""
+        deadline = self._deadline = self.loop.time() + delay
         self._timer_kind = kind
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._expired)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_kind = None, 0
+        self._timer_kind = 0  # the loop timer may still fire: it finds nothing to do
 
-    def _expired(self, kind: int) -> None:
-        self._timer, self._timer_kind = None, 0
+    def _expired(self) -> None:
+        assert self._timer is not None
+        when, self._timer = self._timer.when(), None
+        kind = self._timer_kind
+        if not kind or self.transport is None:
+            return
+        if self._deadline > when:  # moved on since this timer was set
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+            return
+        self._timer_kind = 0
         if kind == _BODY:
             self._body_late()
         elif kind == _IDLE or self.task is None:
@@ -507,13 +522,11 @@ class Connection(asyncio.Protocol):
         if self.task is None:
             self.close()
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+    def close(self, *, abort: bool = False) -> None:
+        """Close after what was written (or drop it: ``abort``)."""
+        transport = self.transport
+        if transport is not None:
+            transport.abort() if abort else transport.close()
 
 
 class _DateLine:

@@ -240,17 +240,14 @@ def text_response(text: str, *, status: int = 200) -> Response:
 class _Route:
     """The handlers of one path (or path pattern), by method, each inside the middleware chain."""
 
-    __slots__ = ("template", "pattern", "handlers", "chains")
+    __slots__ = ("template", "canonical", "pattern", "handlers", "chains")
 
     def __init__(self, template: str) -> None:
         self.template = template
+        self.canonical = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", template)  # "/v1/models/{model}": a metric label
         self.pattern = _compile(template) if "{" in template else None
         self.handlers: dict[str, Handler] = {}
         self.chains: dict[str, Handler] = {}
-
-    @property
-    def canonical(self) -> str:
-        return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.template)
 
 
 class App:
