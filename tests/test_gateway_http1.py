@@ -118,6 +118,17 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(launch
     assert (missing[0], json.loads(missing[2])["error"]["message"]) == (404, "Not Found: GET /nowhere")
 
 
+async def test_requests_pipelined_too_far_ahead_are_left_unanswered_and_the_connection_closes(launch: Launch) -> None:
+    served = await launch()
+    reader, writer = await served.connect()
+    writer.write(_get(b"/health") * 40)
+    answers = [await _response(reader) for _ in range(17)]  # the one in flight and 16 read ahead
+    assert [status for status, _, _ in answers] == [200] * 17
+    assert answers[-1][1]["connection"] == "close" and "connection" not in answers[-2][1]
+    assert await _closed(reader)
+    writer.close()
+
+
 async def test_a_chunked_request_body_sent_in_pieces_is_read_whole(launch: Launch) -> None:
     served = await launch()
     reader, writer = await served.connect()
@@ -362,3 +373,21 @@ async def test_a_reader_that_vanishes_while_held_back_cancels_the_upstream(
         assert time.monotonic() - started < 2, caplog.text
         await asyncio.sleep(0.01)
     assert "client disconnected" in caplog.text
+
+
+async def test_a_client_that_sends_requests_but_reads_no_answers_is_not_read_either(
+    launch: Launch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "netfly.gateway")
+    served = await launch()
+    reader, writer = await served.connect()
+    ask = _get(b"/static/vendor/marked.umd.js")  # ~52 KiB an answer: 2,000 are ~100 MiB
+    for _ in range(125):
+        writer.write(ask * 16)
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(0.3)
+    (connection,) = served.runner.listener.connections
+    assert connection.transport is not None and connection.transport.get_write_buffer_size() < 1024 * 1024
+    assert caplog.text.count("GET /static/vendor/marked.umd.js 200 ") < 1000  # the rest wait, unread
+    writer.transport.abort()
+    assert reader is not None

@@ -145,6 +145,7 @@ class Connection(asyncio.Protocol):
         self._incoming: Request | None = None  # the request whose body is arriving
         self._lingering: Request | None = None  # answered, its unread body drained before closing
         self._queue: deque[Request] = deque()
+        self._stalled: Request | None = None  # answered, but the client has not read the answer yet
         self._stopped = False  # nothing more is parsed on this connection
         self._fault: _Refusal | None = None  # why a parser callback stopped the parser
         self._closing = False  # close after the current answer
@@ -175,7 +176,10 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._stop()  # the request before the upgrade is answered; what follows is not HTTP/1.1
         except httptools.HttpParserError as exc:
-            self._malformed(self._fault or _Refusal(400, f"malformed HTTP request: {exc}"))
+            if self._fault is not None and not self._fault.status:
+                self._stop()  # parsed far enough ahead: nothing more is read on this connection
+            else:
+                self._malformed(self._fault or _Refusal(400, f"malformed HTTP request: {exc}"))
             return
         if self._in_head:
             if self._head_bytes > MAX_HEAD:
@@ -205,6 +209,9 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self._wake_writer(None)
+        stalled, self._stalled = self._stalled, None
+        if stalled is not None:
+            self._proceed(stalled)
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -235,6 +242,8 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         if self._timer_kind == _HEAD:
             self._cancel_timer()
+        if len(self._queue) >= MAX_PIPELINED:  # answer those, then close: the client sends the rest again
+            self._refuse(0, "too many pipelined requests", "")
         request = self._request()
         self._incoming = request
         if self.current is None and not self._queue:
@@ -242,8 +251,6 @@ class Connection(asyncio.Protocol):
             return
         self._queue.append(request)
         self._pause_reading()  # one request waits its turn: read no further ahead
-        if len(self._queue) >= MAX_PIPELINED:
-            self._stop()
 
     def on_body(self, body: bytes) -> None:
         request = self._incoming
@@ -364,6 +371,13 @@ class Connection(asyncio.Protocol):
         """The handler ended: on to the next request, or idle, or closed."""
         self.task, self.current, self.response = None, None, None
         self.listener.finished()
+        if self.paused and self._keep:  # a client that does not read its answers is not read either
+            self._stalled = request
+            self._pause_reading()
+        else:
+            self._proceed(request)
+
+    def _proceed(self, request: Request) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
