@@ -18,13 +18,16 @@ import logging
 import time
 from collections import deque
 from email.utils import formatdate
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .connections import ConnectionLimits, RequestBodyTimeout, peer_of, raw_response
+from .connections import RequestBodyTimeout, peer_of, raw_response
 from .errors import ErrorInfo
-from .web import REASONS, App, Headers, HTTPError, Request, Response, StreamResponse, text_response
+from .web import REASONS, Headers, HTTPError, Request, Response, StreamResponse, text_response
+
+if TYPE_CHECKING:
+    from .server import Listener
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -45,79 +48,6 @@ class _Refusal(Exception):
     def __init__(self, status: int, message: str, code: str = "malformed_request") -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
-
-
-class Listener:
-    """The protocol factory of a listening socket: the connection cap, and the connections for shutdown."""
-
-    def __init__(self, app: App, limits: ConnectionLimits) -> None:
-        self.app = app
-        self.limits = limits
-        self.loop = asyncio.get_running_loop()
-        self.connections: set[Connection] = set()
-        self.count = 0  # counted here: several connections can be accepted in one loop turn
-        self.closing = False
-        self.in_flight = 0
-        self._idle: asyncio.Event | None = None
-        self._warned_full = False
-
-    def __call__(self) -> asyncio.Protocol:
-        if self.count >= self.limits.max_connections:
-            if not self._warned_full:
-                self._warned_full = True
-                logger.warning("%d connections open (max_connections): refusing new ones with 503 until one closes",
-                               self.count)
-            return _Refused()
-        self.count += 1
-        return Connection(self)
-
-    def closed(self, connection: Connection) -> None:
-        self.connections.discard(connection)
-        self.count -= 1
-        if self.count < self.limits.max_connections:
-            self._warned_full = False
-
-    def started(self) -> None:
-        self.in_flight += 1
-
-    def finished(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
-            self._idle.set()
-
-    def running(self) -> list[Connection]:
-        return [c for c in self.connections if c.task is not None]
-
-    async def wait_idle(self, timeout: float) -> None:
-        """Until no request is being handled, or ``timeout`` seconds."""
-        if self.in_flight == 0:
-            return
-        self._idle = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def close_idle(self) -> None:
-        """Stop: connections without a request in flight close now, the others after their answer."""
-        self.closing = True
-        for connection in list(self.connections):
-            connection.close_when_idle()
-
-    def abort_all(self) -> None:
-        for connection in list(self.connections):
-            connection.close(abort=True)
-
-
-class _Refused(asyncio.Protocol):
-    """A connection over the cap: told 503 at once, then closed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        info = ErrorInfo(503, "too many open connections to this gateway; retry shortly", "server_error",
-                         code="too_many_connections", retry_after=1)
-        transport = cast(asyncio.Transport, transport)
-        transport.write(raw_response(info))
-        transport.close()
 
 
 class Connection(asyncio.Protocol):
