@@ -143,6 +143,17 @@ async def test_a_chunked_request_body_sent_in_pieces_is_read_whole(launch: Launc
     assert served.upstream.requests[0]["messages"] == [{"role": "user", "content": "hi"}]
 
 
+async def test_a_body_of_one_byte_chunks_and_a_trailer_is_read_whole(launch: Launch) -> None:
+    served = await launch()
+    reader, writer = await served.connect()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Transfer-Encoding: chunked\r\n\r\n"
+                 + b"".join(b"1\r\n%c\r\n" % byte for byte in CHAT) + b"0\r\nX-Api-Key: forged\r\n\r\n")
+    status, _, body = await _response(reader)
+    writer.close()
+    assert (status, _texts(body)) == (200, "Hello there.")
+    assert served.upstream.requests[0]["messages"] == [{"role": "user", "content": "hi"}]
+
+
 async def test_expect_100_continue_is_answered_when_the_body_is_wanted(launch: Launch) -> None:
     served = await launch()
     reader, writer = await served.connect()

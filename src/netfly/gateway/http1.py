@@ -164,6 +164,8 @@ class Connection(asyncio.Protocol):
             self._refuse(431, f"more than {MAX_HEADERS} header fields", "head_too_large")
         if self._head_size > MAX_HEAD:  # a head that arrived in one read: counted here, not in data_received
             self._refuse(431, f"request head larger than {MAX_HEAD} bytes", "head_too_large")
+        if self._incoming is not None:
+            return  # a trailer field, after a chunked body: counted and bounded, not kept
         # aiohttp's decoding: bytes that are not UTF-8 survive as the bytes they are (a token compares right).
         self._fields.setdefault(name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape"))
 

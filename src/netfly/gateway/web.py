@@ -100,7 +100,7 @@ class Request:
         self.error: BaseException | None = None  # the body is too large or late
         self.discarding = False  # body bytes are counted, not kept
         self.expect_continue = False
-        self._body: list[bytes] = []
+        self._body = bytearray()  # one buffer: a body of a million 1-byte chunks is not a million objects
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         if content_length is not None and content_length > body_limit:
@@ -125,8 +125,7 @@ class Request:
                 self._waiter = None
         if self.error is not None:
             raise self.error
-        body = self._body
-        return body[0] if len(body) == 1 else b"".join(body)
+        return bytes(self._body)
 
     # -- from the connection --
 
@@ -137,7 +136,7 @@ class Request:
         if self._size > self.body_limit:
             self.fail(HTTPError(413))
         else:
-            self._body.append(data)
+            self._body += data
 
     def finish(self) -> None:
         self.complete = True
