@@ -402,3 +402,19 @@ async def test_a_client_that_sends_requests_but_reads_no_answers_is_not_read_eit
     assert caplog.text.count("GET /static/vendor/marked.umd.js 200 ") < 1000  # the rest wait, unread
     writer.transport.abort()
     assert reader is not None
+
+
+async def test_clients_that_reset_right_after_asking_leave_nothing_in_flight(launch: Launch) -> None:
+    served = await launch()
+    for _ in range(20):
+        _, writer = await served.connect()
+        writer.write(_post(CHAT) + _get(b"/health"))
+        writer.transport.abort()
+    listener = served.runner.listener
+    started = time.monotonic()
+    while listener.in_flight or listener.connections:
+        assert time.monotonic() - started < 2, (listener.in_flight, len(listener.connections))
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await served.runner.cleanup()  # nothing to wait for: not the 10 s grace
+    assert time.monotonic() - started < 1

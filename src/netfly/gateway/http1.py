@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.current: Request | None = None  # the request being handled
         self.response: StreamResponse | None = None  # its streamed answer, once prepared
         self._answered = False  # the current request's head is fixed
+        self._entered = False  # the current request's task has started
         self._keep = False  # the current answer leaves the connection open
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
@@ -127,6 +128,8 @@ class Connection(asyncio.Protocol):
         self.transport = None
         if self.task is not None:
             self.task.cancel()  # the client went away: its handler, and so its upstream request, stop now
+            if not self._entered and self.current is not None:  # cancelled before it ran: no finally to run
+                self._done(self.current)
         for request in (self._incoming, *self._queue):
             if request is not None:
                 request.fail(ConnectionResetError("the client closed the connection"))
@@ -226,10 +229,12 @@ class Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self.current, self.response, self._answered, self._keep = request, None, False, False
+        self._entered = False
         self.listener.started()
         self.task = self.loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
+        self._entered = True
         try:
             try:
                 response = await self.app.resolve(request)(request)
