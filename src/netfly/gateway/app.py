@@ -250,8 +250,7 @@ class Gateway:
         route = self._route(body.get("model"))
         await self.operations.admit(request, route.public_id, [], None)
         timeout = self.call_options.get("timeout")
-        return json_response(await relay_embeddings(route.provider, route.model, route.public_id, body,
-                                                        timeout))
+        return json_response(await relay_embeddings(route.provider, route.model, route.public_id, body, timeout))
 
     def _route(self, model: str | None) -> Route:
         route = self.router.resolve(model)
