@@ -185,8 +185,11 @@ class Listener:
             connection.close_when_idle()
 
     def abort_all(self) -> None:
+        """Drop every connection but those already closing: they still send their last bytes (a cut
+        stream's error event) as the client reads them."""
         for connection in list(self.connections):
-            connection.close(abort=True)
+            if connection.transport is not None and not connection.transport.is_closing():
+                connection.close(abort=True)
 
 
 class _Refused(asyncio.Protocol):
