@@ -394,8 +394,10 @@ async def test_a_client_that_sends_requests_but_reads_no_answers_is_not_read_eit
         writer.write(ask * 16)
         await asyncio.sleep(0.002)
     await asyncio.sleep(0.3)
-    (connection,) = served.runner.listener.connections
-    assert connection.transport is not None and connection.transport.get_write_buffer_size() < 1024 * 1024
+    # Stalled (or, past 16 requests read ahead at once, closed after answering those): either way
+    # no pile of answers in memory.
+    unsent = [c.transport.get_write_buffer_size() for c in served.runner.listener.connections if c.transport]
+    assert all(size < 1024 * 1024 for size in unsent), unsent
     assert caplog.text.count("GET /static/vendor/marked.umd.js 200 ") < 1000  # the rest wait, unread
     writer.transport.abort()
     assert reader is not None

@@ -36,6 +36,7 @@ MAX_HEAD = 64 * 1024  # the whole head
 MAX_HEADERS = 128
 MAX_PIPELINED = 16  # requests parsed ahead of their turn; past that, the connection ends after them
 LINGER_BYTES = 16 * 1024 * 1024  # an unread body drained after the answer (so the client sees it), at most
+_WRITE_HIGH, _WRITE_LOW = 128 * 1024, 32 * 1024  # unsent bytes of a connection (aiohttp's: ~64 + 64 KiB)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY = frozenset((204, 304))
 # What a timer of the connection is waiting for.
@@ -91,6 +92,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        # A stream waits for its client only past HIGH bytes unsent, and goes on at LOW: a buffer that
+        # never runs dry while the upstream is read (uvloop's own low mark is 16 bytes: a stall per pause).
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
         self.peer = peer_of(transport)
         self.listener.connections.add(self)
         self._arm(self.limits.header_timeout, _HEAD)
