@@ -7,7 +7,9 @@ with Transfer-Encoding, two Content-Lengths, bad chunk sizes, bare LFs); it is b
 fields, and in time by the :class:`~.connections.ConnectionLimits`. A body is kept up to the app's
 limit, and only while its whole arrives within the body timeout. Keep-alive is HTTP/1.1's default
 (HTTP/1.0's on request); pipelined requests are answered in order, reading paused while one waits.
-An answer to a slow reader holds its handler back (``pause_writing``), never piling up in memory.
+An answer to a slow reader holds its handler back (``pause_writing``, past :data:`_WRITE_HIGH`
+bytes unsent), never piling up in memory; a client that sends requests but reads no answers is not
+read either.
 """
 
 from __future__ import annotations
