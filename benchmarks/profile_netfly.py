@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--gateway", choices=["single", "latency", "concurrent", "requests"],
                         help="profile netfly serve")
     parser.add_argument("--api", default="chat", help="the gateway's wire API: chat, responses, messages")
-    parser.add_argument("--all", action="store_true", help="show library frames too (aiohttp, asyncio)")
+    parser.add_argument("--all", action="store_true", help="show library frames too (asyncio, aiohttp)")
     args = parser.parse_args()
     if args.stdlib_json:
         sys.modules["orjson"] = None  # type: ignore[assignment]  # makes `import orjson` fail
@@ -86,16 +86,10 @@ def main() -> int:
 
 async def profile_gateway(profiler: Any, upstream: str, args: argparse.Namespace) -> None:
     """The gateway app here, under ``profiler``; the client in its own process, ``args.reps`` runs."""
-    from aiohttp import web
-    from run import free_port
+    from netfly.gateway import bound_port, create_app, start
 
-    from netfly.gateway import create_app
-
-    runner = web.AppRunner(create_app(OpenAICompatible.configure(url=upstream)), access_log=None,
-                           handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await start(create_app(OpenAICompatible.configure(url=upstream)), "127.0.0.1", 0)
+    port = bound_port(runner)
     n = {"single": args.n, "latency": 16, "concurrent": 500, "requests": 64}[args.gateway]
     argv = [sys.executable, str(HERE / "gateway_client.py"), args.gateway, "--base", f"http://127.0.0.1:{port}",
             "--n", str(n), "--api", args.api, "--count", "1000" if args.gateway == "requests" else "300"]

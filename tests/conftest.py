@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 import netfly
 from netfly import FreeNetfly
 from netfly.gateway import bound_port, create_app, start
+from netfly.gateway.server import Runner
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -177,7 +178,7 @@ class Gateway:
 @pytest.fixture
 async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Start the gateway with the production runner (``start``) on a free port of 127.0.0.1."""
-    runners: list[web.AppRunner] = []
+    runners: list[Runner] = []
 
     async def launch(provider: type[netfly.Provider] | str, **options: Any) -> Gateway:
         options.setdefault("auth_token", TOKEN)

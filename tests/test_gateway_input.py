@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from netfly import OpenAICompatible
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.logfmt import MAX_FIELD_CHARS, access_line, log_field
+from netfly.gateway.server import Runner
 
 from .conftest import answer
 
@@ -35,7 +36,7 @@ async def _upstream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _start_pair() -> tuple[list[web.AppRunner], int]:
+async def _start_pair() -> tuple[list[Runner | web.AppRunner], int]:
     upstream_app = web.Application()
     upstream_app.router.add_route("*", "/{tail:.*}", _upstream)
     upstream = web.AppRunner(upstream_app, access_log=None)
@@ -266,3 +267,30 @@ def test_a_body_field_named_cls_is_not_a_500(served: _Served) -> None:
     finally:
         served.errors.records.clear()
 
+
+
+def _exchange_half_closed(port: int, raw: bytes) -> bytes:
+    """Send raw bytes, say there are no more (so no request can wait for its end), read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while piece := sock.recv(65536):
+                chunks.append(piece)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+_TOKENS = st.sampled_from([b"GET", b"POST", b"HEAD", b"/v1/chat/completions", b"/health", b"HTTP/1.1", b"HTTP/1.0",
+                           b" ", b"\r\n", b"\n", b":", b"Content-Length: ", b"Transfer-Encoding: chunked",
+                           b"Expect: 100-continue", b"0", b"5", b"ffffffff", b"%00", b"\x00", b"\xff", b"?a=b"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(head=st.lists(_TOKENS | st.binary(max_size=6), max_size=24).map(b"".join))
+def test_fuzzed_request_heads_never_get_a_500_or_an_error_log(served: _Served, head: bytes) -> None:
+    raw = _exchange_half_closed(served.port, head + b"\r\n\r\n")
+    assert not raw or (raw.startswith(b"HTTP/1.1 ") and (_status(raw) < 500 or _status(raw) == 505)), raw[:300]
+    _no_error_logged(served)

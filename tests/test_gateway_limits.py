@@ -16,6 +16,7 @@ from aiohttp import web
 from netfly import ConfigurationError, OpenAICompatible
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.connections import ConnectionLimits
+from netfly.gateway.server import Runner
 
 from .conftest import ScriptedServer, chunk, sse, stream_bytes
 
@@ -30,7 +31,7 @@ Launch = Callable[..., Awaitable[int]]
 @pytest.fixture
 async def launch(scripted: Scripted) -> AsyncIterator[Launch]:
     """Start the gateway (production ``start``) over a scripted upstream; returns its port."""
-    runners: list[web.AppRunner] = []
+    runners: list[Runner] = []
 
     async def go(*script: Any, limits: ConnectionLimits = FAST) -> int:
         upstream = await scripted(*(script or (_answer_slowly(1, 0.0),)))

@@ -26,6 +26,7 @@ from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.keys import MemoryStore
 from netfly.gateway.metrics import DEFAULT_MAX_MODELS, OTHER_MODELS
 from netfly.gateway.operations import Operations
+from netfly.gateway.server import Runner
 
 from .conftest import ScriptedServer, chunk, netfly_serve, sse
 
@@ -99,7 +100,7 @@ class Running:
 
 @pytest.fixture
 async def serve_config() -> AsyncIterator[Callable[..., Awaitable[Running]]]:
-    runners: list[web.AppRunner] = []
+    runners: list[Runner] = []
 
     async def launch(data: dict[str, Any] | None = None, *, path: Path | None = None, **options: Any) -> Running:
         operations = Operations.from_file(path, **options) if path else Operations(parse_config(data or {}), **options)

@@ -7,8 +7,6 @@ import logging
 import sys
 from typing import Any
 
-from aiohttp import web
-
 from ..config import ConfigFileError, NetflyConfig, ServerConfig, StateConfig, load_config
 from ..errors import ConfigurationError
 from ..gateway.groups import ConfigRouter
@@ -16,6 +14,7 @@ from ..gateway.keys import StateStore
 from ..gateway.operations import Operations
 from ..gateway.redisstore import RedisStore
 from ..gateway.server import serve, start
+from ..gateway.web import App
 
 EXIT_INVALID = 2
 
@@ -95,7 +94,7 @@ def state_store(args: argparse.Namespace, config: NetflyConfig | None) -> StateS
 
 
 async def serve_with_metrics(
-    app: web.Application, host: str, port: int, operations: Operations, metrics_port: int | None, **options: Any
+    app: App, host: str, port: int, operations: Operations, metrics_port: int | None, **options: Any
 ) -> None:
     """Serve ``app`` (``options`` go to :func:`~netfly.gateway.serve`), and ``/metrics`` on
     ``metrics_port`` too when it is set."""

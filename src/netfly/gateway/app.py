@@ -1,9 +1,9 @@
-"""The gateway's aiohttp application: OpenAI's chat completions API over netfly's providers.
+"""The gateway's application: OpenAI's chat completions API over netfly's providers.
 
-It only calls the public provider API (``Provider.stream`` → :class:`~netfly.ChatStream`). Run it
-with :func:`netfly.gateway.serve` (or ``netfly serve``); when mounting it in another runner, pass
-``handler_cancellation=True`` to that runner so a client that disconnects cancels its upstream
-request at once.
+It only calls the public provider API (``Provider.stream`` → :class:`~netfly.ChatStream`). Its
+handlers, middlewares and hooks run on netfly's own HTTP/1.1 server (:mod:`.web`, :mod:`.http1`):
+run it with :func:`netfly.gateway.serve` or :func:`~netfly.gateway.start` (or ``netfly serve``). A
+client that disconnects cancels its handler, and so its upstream request, at once.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from aiohttp import web
-
-from .. import _checks, _ids, _json
+from .. import _checks, _ids
 from ..__about__ import __version__
 from ..errors import ConfigurationError, NetflyError
 from ..events import ChatResult
@@ -42,6 +40,7 @@ from .router import ModelRouter, Route
 from .schema import ChatCall, parse_chat_request
 from .stats_line import summarize_stats
 from .status import StatusBook
+from .web import App, HTTPError, Request, Response, StreamResponse, json_response, text_response
 
 logger = logging.getLogger("netfly.gateway")
 
@@ -58,7 +57,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's id is echoe
 # The id of the request being handled, for the headers of a response the handler streams itself.
 _request_id: ContextVar[str | None] = ContextVar("netfly_gateway_request_id", default=None)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[StreamResponse]]
 
 
 class Gateway:
@@ -90,8 +89,7 @@ class Gateway:
 
     # -- middlewares (outermost first) ---------------------------------------------------------
 
-    @web.middleware
-    async def log_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def log_requests(self, request: Request, handler: Handler) -> StreamResponse:
         """One line per request: method, path (no query string), status, duration, and a note."""
         started = time.monotonic()
         status = 500
@@ -114,23 +112,22 @@ class Gateway:
             _notes.reset(reset)
             _request_id.reset(reset_id)
             if not self.operations.log.json:  # the JSON log has its own line (operations.observe)
-                logger.info("%s", access_line(request.method, request.rel_url.raw_path, status,
+                logger.info("%s", access_line(request.method, request.raw_path, status,
                                               time.monotonic() - started, notes, request_id=request_id))
 
-    @web.middleware
-    async def cors_preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def cors_preflight(self, request: Request, handler: Handler) -> StreamResponse:
         """A browser's preflight is answered here, before authentication (it never carries the token)."""
         if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
             return await handler(request)
         if not self._cors_origin(request):
-            return web.Response(status=403, text="origin not allowed")
+            return text_response("origin not allowed", status=403)
         requested = request.headers.get("Access-Control-Request-Headers", "")
         headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600"}
         if requested:
             headers["Access-Control-Allow-Headers"] = requested  # "*" would not cover Authorization
-        return web.Response(status=204, headers=headers)
+        return Response(status=204, headers=headers)
 
-    def _cors_origin(self, request: web.Request) -> str | None:
+    def _cors_origin(self, request: Request) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for this request, or None (not allowed)."""
         origin = request.headers.get("Origin")
         if not self.cors_enabled or not origin:
@@ -139,12 +136,12 @@ class Gateway:
             return "*"
         return origin if origin in self.cors_origins else None
 
-    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+    def on_prepare(self, request: Request, response: StreamResponse) -> None:
         request_id = _request_id.get()
         if request_id is not None:  # set while the handler runs: a response it streams itself
             self._decorate(request, response, request_id)
 
-    def _decorate(self, request: web.Request, response: web.StreamResponse, request_id: str) -> None:
+    def _decorate(self, request: Request, response: StreamResponse, request_id: str) -> None:
         """Headers every response carries, streamed or not: the request id, CORS."""
         response.headers["X-Request-Id"] = request_id
         origin = self._cors_origin(request)
@@ -152,34 +149,29 @@ class Gateway:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
             if origin != "*":
-                response.headers.add("Vary", "Origin")
+                response.headers["Vary"] = "Origin"
 
-    @web.middleware
-    async def openai_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def openai_errors(self, request: Request, handler: Handler) -> StreamResponse:
         """Every failure becomes an OpenAI-style JSON error; nothing escapes to crash a connection."""
         try:
             return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
+        except HTTPError as exc:
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            info = ErrorInfo(exc.status, f"{exc.reason}: {request.method} {request.rel_url.raw_path}", kind)
+            info = ErrorInfo(exc.status, f"{exc.reason}: {request.method} {request.raw_path}", kind)
         except GatewayError as exc:
             info = describe(exc)
         except NetflyError as exc:
             info = describe(exc)
             _note(type(exc).__name__)
         except Exception as exc:
-            logger.exception("unexpected error handling %s %s", request.method, request.rel_url.raw_path)
+            logger.exception("unexpected error handling %s %s", request.method, request.raw_path)
             info = describe(exc)
             _note(type(exc).__name__)
         if request.path.startswith("/v1/messages"):  # the Anthropic API's clients expect its error shape
-            return web.json_response(anthropic_error(info), status=info.status, headers=info.headers(),
-                                     dumps=_dumps)
+            return json_response(anthropic_error(info), status=info.status, headers=info.headers())
         return error_response(info)
 
-    @web.middleware
-    async def require_token(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def require_token(self, request: Request, handler: Handler) -> StreamResponse:
         if self._token is not None and not pages.is_public(request):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer":
@@ -195,12 +187,12 @@ class Gateway:
 
     # -- handlers ------------------------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.StreamResponse:
+    async def health(self, request: Request) -> StreamResponse:
         body: dict[str, Any] = {"status": "ok", "version": __version__, "state": self.operations.store.status()}
         local = self._local_engine()
         if local is not None:
             body["local"] = local
-        return web.json_response(body, dumps=_dumps)
+        return json_response(body)
 
     def _local_engine(self) -> dict[str, Any] | None:
         """The state of the local model's engine (the default provider's, else any routed one's)."""
@@ -210,10 +202,10 @@ class Gateway:
                 return {"provider": provider.name(), **state.as_dict()}
         return None
 
-    async def list_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(model_list(await self.router.model_ids()), dumps=_dumps)
+    async def list_models(self, request: Request) -> StreamResponse:
+        return json_response(model_list(await self.router.model_ids()))
 
-    async def get_model(self, request: web.Request) -> web.StreamResponse:
+    async def get_model(self, request: Request) -> StreamResponse:
         model_id = request.match_info["model"]
         try:
             route = self.router.resolve(model_id)
@@ -221,9 +213,9 @@ class Gateway:
             raise GatewayError(
                 404, exc.message, type="not_found_error", param="model", code="model_not_found"
             ) from None
-        return web.json_response(model_object(route.public_id, route.provider.name()), dumps=_dumps)
+        return json_response(model_object(route.public_id, route.provider.name()))
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request) -> StreamResponse:
         chat = parse_chat_request(await self._read_body(request))
         route = self._route(chat.model)
         params = dict(chat.params)
@@ -236,30 +228,29 @@ class Gateway:
         encoder = ChatChunkEncoder(route.public_id, include_usage=chat.include_usage)
         return await self._answer(request, route, call, encoder, encoder.completion)
 
-    async def responses(self, request: web.Request) -> web.StreamResponse:
+    async def responses(self, request: Request) -> StreamResponse:
         call = _with_usage(parse_responses_request(await self._read_body(request)))
         route = self._route(call.model)
         builder = ResponseBuilder(route.public_id, call.body)
         return await self._answer(request, route, call, ResponsesEncoder(builder),
                                   lambda result: builder.response(result, "completed"))
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def messages(self, request: Request) -> StreamResponse:
         call = _with_usage(parse_messages_request(await self._read_body(request)))
         route = self._route(call.model)
         builder = MessageBuilder(route.public_id)
         return await self._answer(request, route, call, MessagesEncoder(builder), builder.message)
 
-    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+    async def count_tokens(self, request: Request) -> StreamResponse:
         raise GatewayError(501, "token counting is not available: the upstream providers of this gateway "
                                 "cannot count tokens", type="api_error", code="not_implemented")
 
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+    async def embeddings(self, request: Request) -> StreamResponse:
         body = parse_embeddings_request(await self._read_body(request))
         route = self._route(body.get("model"))
         await self.operations.admit(request, route.public_id, [], None)
         timeout = self.call_options.get("timeout")
-        return web.json_response(await relay_embeddings(route.provider, route.model, route.public_id, body,
-                                                        timeout), dumps=_dumps)
+        return json_response(await relay_embeddings(route.provider, route.model, route.public_id, body, timeout))
 
     def _route(self, model: str | None) -> Route:
         route = self.router.resolve(model)
@@ -267,8 +258,8 @@ class Gateway:
         _note(f"model={route.public_id}")
         return route
 
-    async def _answer(self, request: web.Request, route: Route, call: ChatCall, encoder: StreamEncoder,
-                      whole: Callable[[ChatResult], dict[str, Any]]) -> web.StreamResponse:
+    async def _answer(self, request: Request, route: Route, call: ChatCall, encoder: StreamEncoder,
+                      whole: Callable[[ChatResult], dict[str, Any]]) -> StreamResponse:
         """Run ``call`` on the route's provider; stream it through ``encoder`` or answer ``whole``."""
         # Every client field goes in extra_body: none can be taken for a call option (or collide
         # with a parameter name such as ``cls``).
@@ -287,12 +278,12 @@ class Gateway:
                 async for _ in stream.reads():
                     pass  # the stream assembles its own result
                 assert stream.result is not None
-                return web.json_response(whole(stream.result), dumps=_dumps)
+                return json_response(whole(stream.result))
         finally:
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
 
-    async def _relay(self, request: web.Request, stream: ChatStream, encoder: StreamEncoder) -> web.StreamResponse:
+    async def _relay(self, request: Request, stream: ChatStream, encoder: StreamEncoder) -> StreamResponse:
         channel = SSEChannel(request, encoder.start(), self.keepalive)
         try:
             await relay(channel, stream.reads(), encoder, lambda: stream.at_end)
@@ -303,26 +294,24 @@ class Gateway:
             if not channel.started:
                 raise  # nothing sent yet: the error middleware answers with the error's own status
             if not isinstance(exc, NetflyError):
-                logger.exception("unexpected error while relaying %s", request.rel_url.raw_path)
+                logger.exception("unexpected error while relaying %s", request.raw_path)
             _note(f"{type(exc).__name__} after the stream started")
             try:
                 await channel.close(encoder.error(describe(exc)))
             except ConnectionResetError:
                 _note("client disconnected")
-        return channel.response or web.Response(status=499)  # 499: the client left before the head
+        return channel.response or Response(status=499)  # 499: the client left before the head
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
-        if request.content_length is not None:
-            if request.content_length > limit:
-                raise _too_large(limit)
-            return await request.read()  # nearly every client says the length: one read
-        body = bytearray()
-        async for piece in request.content.iter_chunked(64 * 1024):
-            body += piece
-            if len(body) > limit:
-                raise _too_large(limit)
-        return bytes(body)
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)  # before reading: the client need not send it (Expect: 100-continue)
+        try:
+            return await request.read()
+        except HTTPError as exc:
+            if exc.status == 413:  # a chunked body past the limit (the server keeps no more of it)
+                raise _too_large(limit) from None
+            raise
 
 
 def create_app(
@@ -340,7 +329,7 @@ def create_app(
     keepalive: float | None = DEFAULT_KEEPALIVE,
     operations: Operations | None = None,
     log_format: str = "text",
-) -> web.Application:
+) -> App:
     """The gateway application.
 
     ``provider`` (a class or a registered name) serves bare model names and is reachable as
@@ -375,14 +364,14 @@ def create_app(
         keepalive=_keepalive(keepalive),
         operations=operations,
     )
-    app = web.Application(
+    app = App(
         middlewares=[gateway.log_requests, operations.observe, gateway.openai_errors, gateway.cors_preflight,
                      operations.authenticate, gateway.require_token],
         client_max_size=max_body_bytes,
     )
     operations.install(app, gateway, request_id=_request_id.get,
                        metrics_route=server is None or (server.metrics and server.metrics_port is None))
-    app[GATEWAY] = gateway
+    app.state[GATEWAY] = gateway
     app.on_response_prepare.append(gateway.on_prepare)
     _add_api_routes(app, gateway)
     pages.install(app, gateway)
@@ -390,7 +379,7 @@ def create_app(
     return app
 
 
-GATEWAY = web.AppKey("netfly.gateway", Gateway)
+GATEWAY = "netfly.gateway"  # app.state[GATEWAY]: the app's Gateway
 
 
 def _check_access(auth_token: str | None, operations: Operations, max_body_bytes: object) -> None:
@@ -403,16 +392,16 @@ def _check_access(auth_token: str | None, operations: Operations, max_body_bytes
         raise ConfigurationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
 
-def _add_api_routes(app: web.Application, gateway: Gateway) -> None:
+def _add_api_routes(app: App, gateway: Gateway) -> None:
     """One route per wire API; each handler is an adapter over the same stream of events."""
-    app.router.add_get("/health", gateway.health)
-    app.router.add_get("/v1/models", gateway.list_models)
-    app.router.add_get("/v1/models/{model:.+}", gateway.get_model)
-    app.router.add_post("/v1/chat/completions", gateway.chat_completions)
-    app.router.add_post("/v1/responses", gateway.responses)
-    app.router.add_post("/v1/messages", gateway.messages)
-    app.router.add_post("/v1/messages/count_tokens", gateway.count_tokens)
-    app.router.add_post("/v1/embeddings", gateway.embeddings)
+    app.add_get("/health", gateway.health)
+    app.add_get("/v1/models", gateway.list_models)
+    app.add_get("/v1/models/{model:.+}", gateway.get_model)
+    app.add_post("/v1/chat/completions", gateway.chat_completions)
+    app.add_post("/v1/responses", gateway.responses)
+    app.add_post("/v1/messages", gateway.messages)
+    app.add_post("/v1/messages/count_tokens", gateway.count_tokens)
+    app.add_post("/v1/embeddings", gateway.embeddings)
 
 
 def _router(
@@ -427,8 +416,8 @@ def _router(
     return configured
 
 
-def error_response(info: ErrorInfo) -> web.Response:
-    return web.json_response(info.body(), status=info.status, headers=info.headers(), dumps=_dumps)
+def error_response(info: ErrorInfo) -> Response:
+    return json_response(info.body(), status=info.status, headers=info.headers())
 
 
 def _call_options(
@@ -472,11 +461,7 @@ def _note(text: str) -> None:
         notes.append(text)
 
 
-def _dumps(obj: Any) -> str:
-    return _json.dumps(obj).decode()
-
-
-async def _close_connections(app: web.Application) -> None:
+async def _close_connections(app: App) -> None:
     await aclose()
 
 

@@ -46,6 +46,14 @@ def mark_cut_by_shutdown(task: asyncio.Task[Any], status_sent: int) -> None:
     _cut_by_shutdown[task] = status_sent
 
 
+def _cut_status() -> int | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop: not a request being handled
+        return None
+    return _cut_by_shutdown.get(task) if task is not None else None
+
+
 def access_line(
     method: str, path: str, status: int, elapsed: float, notes: Sequence[str], *, request_id: str = ""
 ) -> str:
@@ -54,11 +62,7 @@ def access_line(
     Called from the request's own task. A request the server cut at shutdown is logged with the
     status it was sent and the note ``server shutdown``, not as a client that went away (499).
     """
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running loop: not a request being handled
-        task = None
-    cut_status = _cut_by_shutdown.get(task) if task is not None else None
+    cut_status = _cut_status() if _cut_by_shutdown else None  # empty until a shutdown cuts requests
     if cut_status is not None:
         status = cut_status
         notes = [note for note in notes if note != _DISCONNECTED] + ["server shutdown: cut after the grace period"]

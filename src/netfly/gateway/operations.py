@@ -3,7 +3,7 @@
 :class:`Operations` is made by ``create_app`` and plugs in at a few points: two middlewares
 (``observe`` just inside the access log, ``authenticate`` inside the error middleware), two calls
 in the handlers (``admit`` once the public model is known, ``watch`` once the upstream stream exists), a
-response-prepare signal (the ``x-ratelimit-*`` headers, also on streams) and its own routes.
+response-prepare hook (the ``x-ratelimit-*`` headers, also on streams) and its own routes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
 
 from .._ids import unique_hex
 from ..config import NetflyConfig, load_config
@@ -43,6 +41,7 @@ from .keys import (
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .requestlog import RequestLog
 from .usage import TokenCount, UsageBook, count_tokens
+from .web import App, HTTPError, Request, Response, StreamResponse
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -52,7 +51,7 @@ __all__ = ["Operations", "RequestRecord"]
 logger = logging.getLogger("netfly.gateway")
 _SETTLING_PATIENCE = 2.0  # seconds that stopping waits for requests still settling before closing the store
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[StreamResponse]]
 _OPEN_PATHS = ("/health", "/metrics")  # /metrics has its own optional token
 
 
@@ -79,8 +78,7 @@ class RequestRecord:
         return estimate_tokens(self.messages, None)
 
 
-# A typed request key where aiohttp has them (3.12+), a plain string before.
-_RECORD: Any = getattr(web, "RequestKey", lambda name, _type: name)("netfly.record", RequestRecord)
+_RECORD = "netfly.record"  # request.state[_RECORD]: the request's RequestRecord
 
 
 class Operations:
@@ -130,16 +128,16 @@ class Operations:
     # -- wiring --------------------------------------------------------------------------------
 
     def install(
-        self, app: web.Application, gateway: Gateway, *, request_id: Callable[[], str | None],
+        self, app: App, gateway: Gateway, *, request_id: Callable[[], str | None],
         metrics_route: bool = True,
     ) -> None:
-        """Add the routes and signals; ``request_id`` gives the id of the request being handled."""
+        """Add the routes and hooks; ``request_id`` gives the id of the request being handled."""
         self.gateway = gateway
         self._request_id = request_id
         if metrics_route:
-            app.router.add_get("/metrics", self.serve_metrics)
-        app.router.add_get("/admin/usage", admin.usage(self))
-        app.router.add_post("/admin/reload", admin.reload(self))
+            app.add_get("/metrics", self.serve_metrics)
+        app.add_get("/admin/usage", admin.usage(self))
+        app.add_post("/admin/reload", admin.reload(self))
         app.on_response_prepare.append(self._add_headers)
         app.on_startup.append(self._open_store)
         app.on_cleanup.append(self._close_store)
@@ -147,21 +145,16 @@ class Operations:
             app.on_startup.append(self._reload_on_sighup)
             app.on_cleanup.append(self._stop_sighup)
 
-    @web.middleware
-    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def observe(self, request: Request, handler: Handler) -> StreamResponse:
         """Just inside the access log (which sets the request id): the request's record, then its
         metrics, usage and JSON log line once it ends."""
-        resource = request.match_info.route.resource
-        record = RequestRecord(
-            request_id=self._request_id() or unique_hex(),
-            route=resource.canonical if resource is not None else "unmatched",
-        )
-        request[_RECORD] = record
+        record = RequestRecord(request_id=self._request_id() or unique_hex(), route=request.route or "unmatched")
+        request.state[_RECORD] = record
         try:
             response = await handler(request)
             record.status = response.status
             return response
-        except web.HTTPException as exc:
+        except HTTPError as exc:
             record.status = exc.status
             raise
         except asyncio.CancelledError:
@@ -175,27 +168,26 @@ class Operations:
 
     async def _settle_shielded(self, record: RequestRecord) -> None:
         # A client that closes its connection as soon as it has the answer cancels this handler
-        # (aiohttp's handler cancellation), often right here: the settling runs on regardless,
+        # (the server cancels a handler whose client left), often right here: the settling runs on regardless,
         # or the stream slot, usage, metrics and log line of the request would be lost.
         settling = asyncio.ensure_future(self._settle(record))
         self._tasks.add(settling)
         settling.add_done_callback(self._tasks.discard)
         await asyncio.shield(settling)
 
-    @web.middleware
-    async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def authenticate(self, request: Request, handler: Handler) -> StreamResponse:
         """With ``[keys]``: every request but /health, /metrics and the pages needs one of them."""
         if not self.keys or request.path in _OPEN_PATHS or pages.is_public(request):
             return await handler(request)
-        record: RequestRecord = request[_RECORD]
+        record: RequestRecord = request.state[_RECORD]
         record.key = key = self.keys.identify(request.headers)
         record.rate_headers = await read_limits(self.store, key)
         return await handler(request)
 
-    async def _open_store(self, app: web.Application) -> None:
+    async def _open_store(self, app: App) -> None:
         await self.store.open()
 
-    async def _close_store(self, app: web.Application) -> None:
+    async def _close_store(self, app: App) -> None:
         # Requests whose handlers ended may still be settling (usage, slots): closing the store under
         # them would fail their calls. Each state call is cut at its timeout, so this wait is short.
         if self._tasks:
@@ -204,9 +196,9 @@ class Operations:
 
     # -- calls from the model handlers ---------------------------------------------------------
 
-    async def admit(self, request: web.Request, model: str, messages: Sequence[Any], max_tokens: Any) -> None:
+    async def admit(self, request: Request, model: str, messages: Sequence[Any], max_tokens: Any) -> None:
         """The request's public model is known: check its key's limits and take from them."""
-        record: RequestRecord = request[_RECORD]
+        record: RequestRecord = request.state[_RECORD]
         record.model, record.messages = model, messages
         if record.key is None:
             return
@@ -220,9 +212,9 @@ class Operations:
         finally:
             record.rate_headers.update(admission.headers)
 
-    def watch(self, request: web.Request, stream: ChatStream) -> None:
+    def watch(self, request: Request, stream: ChatStream) -> None:
         """The upstream stream exists: its stats and result are read when the request ends."""
-        record: RequestRecord = request[_RECORD]
+        record: RequestRecord = request.state[_RECORD]
         record.stream = stream
         self.metrics.in_flight.labels(self.metrics.model_label(record.model or "")).inc()
 
@@ -260,23 +252,23 @@ class Operations:
         self.metrics.duration.labels(record.route, label).observe(time.monotonic() - record.started)
         self.log.write(record)
 
-    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        record: RequestRecord | None = request.get(_RECORD)
+    def _add_headers(self, request: Request, response: StreamResponse) -> None:
+        record: RequestRecord | None = request.state.get(_RECORD)
         if record is None:
             return
         response.headers.update(record.rate_headers)
 
     # -- metrics -------------------------------------------------------------------------------
 
-    async def serve_metrics(self, request: web.Request) -> web.StreamResponse:
+    async def serve_metrics(self, request: Request) -> StreamResponse:
         if self.metrics_token is not None:
             admin.require_bearer(request, self.metrics_token)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(self.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
-    def metrics_app(self) -> web.Application:
+    def metrics_app(self) -> App:
         """``/metrics`` alone, for a separate bind (``[server] metrics_port``)."""
-        app = web.Application()
-        app.router.add_get("/metrics", self.serve_metrics)
+        app = App()
+        app.add_get("/metrics", self.serve_metrics)
         return app
 
     def _breakers(self) -> Mapping[str, CircuitBreakers]:
@@ -301,7 +293,7 @@ class Operations:
                     self.path, len(config.models), len(config.keys))
         return config
 
-    async def _reload_on_sighup(self, app: web.Application) -> None:
+    async def _reload_on_sighup(self, app: App) -> None:
         loop = asyncio.get_running_loop()
 
         def reload() -> None:
@@ -312,7 +304,7 @@ class Operations:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):  # not main thread
             loop.add_signal_handler(signal.SIGHUP, reload)
 
-    async def _stop_sighup(self, app: web.Application) -> None:
+    async def _stop_sighup(self, app: App) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 

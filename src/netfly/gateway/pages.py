@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from ..__about__ import __version__
 from ..stream import ChatStream
 from .status import StatusBook
+from .web import App, HTTPError, Request, Response, StreamResponse, json_response
 
 if TYPE_CHECKING:
     from .app import Gateway
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[StreamResponse]]
 STATIC = resources.files("netfly.gateway") / "static"
 PAGE_ROUTES = {"/": "chat.html", "/status": "status.html"}
 STATIC_PREFIX = "/static/"
@@ -39,65 +38,64 @@ PAGE_HEADERS = {
 }
 
 
-def is_public(request: web.Request) -> bool:
+def is_public(request: Request) -> bool:
     """A page or one of its assets: loaded without a token (they hold no data)."""
     path = request.path
     return request.method in ("GET", "HEAD") and (path in PAGE_ROUTES or path.startswith(STATIC_PREFIX))
 
 
-def install(app: web.Application, gateway: Gateway) -> None:
+def install(app: App, gateway: Gateway) -> None:
     """Add the pages, their assets and the status endpoint to the gateway's ``app``."""
     for path, name in PAGE_ROUTES.items():
-        app.router.add_get(path, _file_handler(name))
-    app.router.add_get(STATIC_PREFIX + "{name:[A-Za-z0-9._/-]+}", _static)
-    app.router.add_get("/v1/netfly/status", _status_handler(gateway))
+        app.add_get(path, _file_handler(name))
+    app.add_get(STATIC_PREFIX + "{name:[A-Za-z0-9._/-]+}", _static)
+    app.add_get("/v1/netfly/status", _status_handler(gateway))
     app.on_response_prepare.append(_served_by_headers)
 
 
 def _file_handler(name: str) -> Handler:
-    async def page(request: web.Request) -> web.StreamResponse:
+    async def page(request: Request) -> StreamResponse:
         return _asset(name)
     return page
 
 
-async def _static(request: web.Request) -> web.StreamResponse:
+async def _static(request: Request) -> StreamResponse:
     name = request.match_info["name"]
     if ".." in name.split("/"):
-        raise web.HTTPNotFound()
+        raise HTTPError(404)
     return _asset(name)
 
 
-def _asset(name: str) -> web.Response:
+def _asset(name: str) -> Response:
     resource = STATIC.joinpath(*name.split("/"))
     suffix = "." + name.rpartition(".")[2]
     if suffix not in CONTENT_TYPES or not resource.is_file():
-        raise web.HTTPNotFound()
-    return web.Response(body=resource.read_bytes(), content_type=CONTENT_TYPES[suffix], charset="utf-8",
-                        headers=PAGE_HEADERS)
+        raise HTTPError(404)
+    return Response(resource.read_bytes(), content_type=f"{CONTENT_TYPES[suffix]}; charset=utf-8",
+                    headers=PAGE_HEADERS)
 
 
 def _status_handler(gateway: Gateway) -> Handler:
-    async def status(request: web.Request) -> web.StreamResponse:
+    async def status(request: Request) -> StreamResponse:
         providers = dict.fromkeys((gateway.router.default, *gateway.router.providers.values()))
-        return web.json_response(gateway.status.snapshot(providers, __version__),
+        return json_response(gateway.status.snapshot(providers, __version__),
                                  headers={"Cache-Control": "no-store"})
     return status
 
 
 # -- who served a streamed answer ------------------------------------------------------------------
 
-# A typed request key where aiohttp has them (3.12+), a plain string before.
-_REQUEST_STREAM: Any = getattr(web, "RequestKey", lambda name, _type: name)("netfly.pages.stream", ChatStream)
+_REQUEST_STREAM = "netfly.pages.stream"  # request.state[_REQUEST_STREAM]: the request's upstream ChatStream
 
 
-def watch(request: web.Request, book: StatusBook, stream: ChatStream) -> None:
+def watch(request: Request, book: StatusBook, stream: ChatStream) -> None:
     """The request's upstream stream exists: count it, and let its head name the provider."""
     book.started(stream)
-    request[_REQUEST_STREAM] = stream
+    request.state[_REQUEST_STREAM] = stream
 
 
-async def _served_by_headers(request: web.Request, response: web.StreamResponse) -> None:
-    stream: ChatStream | None = request.get(_REQUEST_STREAM)
+def _served_by_headers(request: Request, response: StreamResponse) -> None:
+    stream: ChatStream | None = request.state.get(_REQUEST_STREAM)
     if stream is not None:  # the head goes out with the first output: the provider is known by then
         # Every attempt before the one now answering failed; a router records the winner's at its end.
         failed = sum(1 for attempt in stream.stats.attempts if attempt.error is not None)

@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Protocol
 
-from aiohttp import web
-
 from ..chunks import Item, as_events, only_texts
 from ..events import Event
 from .errors import ErrorInfo
+from .web import Request, StreamResponse
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 DEFAULT_KEEPALIVE = 15.0
@@ -38,17 +37,12 @@ class StreamEncoder(Protocol):
     def error(self, info: ErrorInfo) -> bytes: ...
 
 
-class _EventStreamResponse(web.StreamResponse):
-    # The head goes out with the first bytes of the body, in one write (aiohttp's plain responses do so).
-    _send_headers_immediately = False
-
-
 class SSEChannel:
     """The streamed response of one request, opened by its first write."""
 
-    def __init__(self, request: web.Request, head: bytes, keepalive: float | None) -> None:
+    def __init__(self, request: Request, head: bytes, keepalive: float | None) -> None:
         self.request = request
-        self.response: web.StreamResponse | None = None
+        self.response: StreamResponse | None = None
         self._head = head
         self._keepalive = keepalive
         self._clock = asyncio.get_running_loop().time
@@ -69,9 +63,10 @@ class SSEChannel:
         await response.write(data)
         self._last = self._clock()
 
-    async def _open(self) -> web.StreamResponse:
+    async def _open(self) -> StreamResponse:
+        # The head goes out with the first bytes of the body, in one write.
         self._opening = True
-        response = _EventStreamResponse(headers=SSE_HEADERS)
+        response = StreamResponse(headers=SSE_HEADERS)
         await response.prepare(self.request)
         self.response = response
         self._opening = False

@@ -14,62 +14,82 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
-
-from .. import _json
-from .connections import ConnectionGuard, ConnectionLimits, Handler
+from .connections import ConnectionLimits, raw_response
 from .errors import ErrorInfo
 from .format import sse_event
+from .http1 import Connection
 from .logfmt import mark_cut_by_shutdown
+from .web import App, json_response
 
 logger = logging.getLogger("netfly.gateway")
 
 DEFAULT_SHUTDOWN_GRACE = 10.0
 # After the grace, cut requests only have to unwind their cancellation: this bounds that.
 _AFTER_CUT_TIMEOUT = 2.0
+_BACKLOG = 1024  # connections the kernel queues before accept: a burst of clients is not dropped
 
 
 async def start(
-    app: web.Application,
+    app: App,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_GRACE,
     limits: ConnectionLimits | None = None,
     reuse_port: bool = False,
-) -> web.AppRunner:
+) -> Runner:
     """Start serving ``app`` on ``host:port``; stop it with ``await runner.cleanup()``.
 
-    ``handler_cancellation=True``: a client that disconnects cancels its handler, and so the
-    upstream request, at once. aiohttp's own access log is off: the gateway logs each request.
-    ``limits`` (default: :class:`ConnectionLimits`'s) bounds slow and idle clients and the number of
+    A client that disconnects cancels its handler, and so the upstream request, at once. ``limits``
+    (default: :class:`ConnectionLimits`'s) bounds slow and idle clients and the number of
     connections. On cleanup, requests in flight get ``shutdown_timeout`` seconds to finish (see
-    the module's doc). ``app`` must not have been started before (its hooks are added here).
-    ``reuse_port``: several processes may listen on the port (``SO_REUSEPORT``; the kernel spreads
-    the connections over them).
+    the module's doc). ``reuse_port``: several processes may listen on the port (``SO_REUSEPORT``;
+    the kernel spreads the connections over them).
     """
-    limits = limits or ConnectionLimits()
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=_AFTER_CUT_TIMEOUT,
-                           keepalive_timeout=limits.keepalive_timeout)
-    guard = ConnectionGuard(limits, lambda: _protocol(runner))
-    shutdown = _GracefulShutdown(shutdown_timeout)
-    app.middlewares.insert(0, guard.middleware)
-    app.middlewares.insert(0, shutdown.middleware)
-    app.on_response_prepare.append(shutdown.on_response_prepare)
-    app.on_shutdown.append(shutdown.on_shutdown)
-    await runner.setup()
+    app.freeze()
+    listener = Listener(app, limits or ConnectionLimits())
+    await app.startup()
     try:
-        site = _GuardedSite(runner, host, port, guard, reuse_port)
-        await site.start()
+        server = await listener.loop.create_server(listener, host, port, reuse_port=reuse_port, backlog=_BACKLOG)
     except BaseException:
-        await runner.cleanup()
+        await app.shutdown()
+        await app.cleanup()
         raise
-    return runner
+    return Runner(app, server, listener, _GracefulShutdown(shutdown_timeout))
 
 
-def bound_port(runner: web.AppRunner) -> int:
+class Runner:
+    """A started server: its addresses, and :meth:`cleanup` to stop it."""
+
+    def __init__(self, app: App, server: asyncio.Server, listener: Listener, shutdown: _GracefulShutdown) -> None:
+        self.app = app
+        self.server = server
+        self.listener = listener
+        self._shutdown = shutdown
+        self._stopped = False
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [sock.getsockname() for sock in self.server.sockets]
+
+    async def cleanup(self) -> None:
+        """Stop accepting, close idle connections, give requests in flight the grace, then cut them."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.close()
+        self.listener.close_idle()
+        await self.app.shutdown()
+        await self._shutdown.run(self.listener)
+        await self.listener.wait_idle(_AFTER_CUT_TIMEOUT)
+        self.listener.abort_all()
+        await asyncio.sleep(0)  # the transports' connection_lost, before the app's cleanup
+        await self.app.cleanup()
+
+
+def bound_port(runner: Runner) -> int:
     """The port the runner listens on (useful with ``port=0``)."""
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
@@ -78,7 +98,7 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve(
-    app: web.Application,
+    app: App,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
@@ -107,6 +127,82 @@ async def serve(
         logger.info("gateway stopped")
 
 
+class Listener:
+    """The protocol factory of a listening socket: the connection cap, and the connections for shutdown."""
+
+    def __init__(self, app: App, limits: ConnectionLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.count = 0  # counted here: several connections can be accepted in one loop turn
+        self.closing = False
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._warned_full = False
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.count >= self.limits.max_connections:
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning("%d connections open (max_connections): refusing new ones with 503 until one closes",
+                               self.count)
+            return _Refused()
+        self.count += 1
+        return Connection(self)
+
+    def closed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.count -= 1
+        if self.count < self.limits.max_connections:
+            self._warned_full = False
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def running(self) -> list[Connection]:
+        return [c for c in self.connections if c.task is not None]
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until no request is being handled, or ``timeout`` seconds."""
+        if self.in_flight == 0:
+            return
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def close_idle(self) -> None:
+        """Stop: connections without a request in flight close now, the others after their answer."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_when_idle()
+
+    def abort_all(self) -> None:
+        """Drop every connection but those already closing: they still send their last bytes (a cut
+        stream's error event) as the client reads them."""
+        for connection in list(self.connections):
+            if connection.transport is not None and not connection.transport.is_closing():
+                connection.close(abort=True)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: told 503 at once, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        info = ErrorInfo(503, "too many open connections to this gateway; retry shortly", "server_error",
+                         code="too_many_connections", retry_after=1)
+        transport = cast(asyncio.Transport, transport)
+        transport.write(raw_response(info))
+        transport.close()
+
+
 def _on_signals(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...],
                 callback: Callable[[], None]) -> list[signal.Signals]:
     installed = []
@@ -122,93 +218,38 @@ def _off_signals(loop: asyncio.AbstractEventLoop, installed: list[signal.Signals
         loop.remove_signal_handler(signum)
 
 
-class _GuardedSite(web.BaseSite):
-    """A TCP site whose connections go through a :class:`ConnectionGuard`."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard,
-                 reuse_port: bool = False) -> None:
-        super().__init__(runner)
-        self._reuse_port = reuse_port
-        self._host = host
-        self._port = port
-        self._guard = guard
-
-    @property
-    def name(self) -> str:
-        return f"http://{_url_host(self._host)}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._guard, self._host, self._port, reuse_port=self._reuse_port)
-
-
-def _protocol(runner: web.AppRunner) -> asyncio.Protocol:
-    server = runner.server
-    assert server is not None, "connections are accepted only once the runner is set up"
-    return server()
-
-
 class _GracefulShutdown:
-    """Tracks the requests being handled, and at shutdown waits for them, then cuts the rest."""
+    """At shutdown: waits for the requests being handled, then cuts the rest."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
-        # Keyed by the handler's task (requests are not hashable): its request and prepared response.
-        self._running: dict[asyncio.Task[Any], web.Request] = {}
-        self._responses: dict[asyncio.Task[Any], web.StreamResponse] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._running[task] = request
-        self._idle.clear()
-        try:
-            return await handler(request)
-        finally:
-            del self._running[task]
-            self._responses.pop(task, None)
-            if not self._running:
-                self._idle.set()
-
-    async def on_response_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        task = asyncio.current_task()
-        if task in self._running:
-            self._responses[task] = response
-
-    async def on_shutdown(self, app: web.Application) -> None:
-        if not self._running:
+    async def run(self, listener: Listener) -> None:
+        if not listener.in_flight:
             return
-        logger.info("shutting down: %d request(s) in flight get %g s to finish", len(self._running), self.grace)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self.grace)
-        if self._running:
+        logger.info("shutting down: %d request(s) in flight get %g s to finish", listener.in_flight, self.grace)
+        await listener.wait_idle(self.grace)
+        running = listener.running()
+        if running:
             logger.warning("shutdown grace of %g s over: cutting %d request(s) still running",
-                           self.grace, len(self._running))
-            await asyncio.gather(*(self._cut(task, request) for task, request in list(self._running.items())))
+                           self.grace, len(running))
+            for connection in running:
+                self._cut(connection)
 
-    async def _cut(self, task: asyncio.Task[Any], request: web.Request) -> None:
+    def _cut(self, connection: Connection) -> None:
+        task, request, response = connection.task, connection.current, connection.response
+        assert task is not None and request is not None
         info = ErrorInfo(503, f"the gateway is shutting down and cut this request after the {self.grace:g} s grace",
                          "server_shutdown", code="server_shutdown")
-        response = self._responses.get(task)
         mark_cut_by_shutdown(task, response.status if response is not None else info.status)
         # Cancel first: the handler then writes nothing more (no [DONE]); the error below is written
         # before it unwinds and closes the connection.
         task.cancel()
-        with contextlib.suppress(ConnectionError, RuntimeError):
+        with contextlib.suppress(ConnectionError):
             if response is None:
-                answer = web.json_response(info.body(), status=info.status, dumps=_dumps)
-                await answer.prepare(request)
-                await answer.write_eof()
+                connection.write_whole(request, json_response(info.body(), status=info.status))
             elif response.content_type == "text/event-stream":
-                await response.write_eof(sse_event(info.body()))
-
-
-def _dumps(obj: object) -> str:
-    return _json.dumps(obj).decode()
+                response.end(sse_event(info.body()))
 
 
 def _url_host(host: str) -> str:
