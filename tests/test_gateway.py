@@ -393,7 +393,10 @@ async def test_unknown_routes_and_methods_get_json_errors(gateway: Any) -> None:
             assert (await response.json())["error"]["type"] == "not_found_error"
         async with session.get(gw.base_url + "/chat/completions") as response:
             assert response.status == 405
+            assert response.headers["Allow"] == "POST"  # RFC 9110: a 405 names the methods there are
             assert "error" in await response.json()
+        async with session.post(gw.url + "/health") as response:
+            assert response.status == 405 and response.headers["Allow"] == "GET, HEAD"
 
 
 async def test_body_over_the_default_limit_gets_413(aiohttp_server: Any, gateway: Any) -> None:

@@ -245,7 +245,7 @@ class Connection(asyncio.Protocol):
             try:
                 response = await self.app.resolve(request)(request)
             except HTTPError as exc:  # an app without the gateway's error middleware (the metrics app)
-                response = text_response(f"{exc.status}: {exc.reason}", status=exc.status)
+                response = text_response(f"{exc.status}: {exc.reason}", status=exc.status, headers=exc.headers)
             except Exception:
                 logger.exception("unexpected error handling %s %s", request.method, request.raw_path)
                 response = text_response("500: Internal Server Error", status=500)

@@ -41,9 +41,10 @@ DEFAULT_MAX_BODY = 1024 * 1024  # aiohttp's client_max_size
 class HTTPError(Exception):
     """A request the server cannot route or take: its status and reason phrase."""
 
-    def __init__(self, status: int, reason: str | None = None) -> None:
+    def __init__(self, status: int, reason: str | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.status = status
         self.reason = reason or REASONS.get(status, "Error")
+        self.headers = dict(headers or {})  # e.g. a 405's Allow
         super().__init__(f"{self.status} {self.reason}")
 
 
@@ -229,8 +230,8 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
     return Response(_json.dumps(data), status=status, content_type=JSON_TYPE, headers=headers)
 
 
-def text_response(text: str, *, status: int = 200) -> Response:
-    return Response(text.encode(), status=status, content_type="text/plain; charset=utf-8")
+def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(text.encode(), status=status, content_type="text/plain; charset=utf-8", headers=headers)
 
 
 # -- the application ------------------------------------------------------------------------------
@@ -310,6 +311,7 @@ class App:
         chain = route.chains.get(request.method)
         if chain is None:
             request.match_info = {}
+            request.state[_ALLOW] = ", ".join(sorted(route.chains))
             return self._unrouted[405]
         request.route = route.canonical
         return chain
@@ -342,8 +344,12 @@ class App:
             await hook(self)
 
 
+_ALLOW = "netfly.allow"  # a 405's methods, from resolve to the handler that raises it
+
+
 async def _raise(status: int, request: Request) -> StreamResponse:
-    raise HTTPError(status)
+    allowed = request.state.get(_ALLOW)
+    raise HTTPError(status, headers={"Allow": allowed} if allowed else None)
 
 
 def _compile(template: str) -> re.Pattern[str]:
