@@ -126,13 +126,15 @@ async def test_the_stream_slots_of_a_killed_process_expire(
         await asyncio.sleep(0.1)
 
 
-async def gateway_on_redis(redis: RedisServer, upstream: ScriptedServer, *,
+async def gateway_on_redis(redis: RedisServer | None, upstream: ScriptedServer, *,
                            state_timeout: float = DEFAULT_STATE_TIMEOUT, **key: Any) -> tuple[Running, Any]:
+    """A gateway with one key, its state in ``redis`` (None: in its own memory)."""
     config = parse_config({
         "providers": {"up": {"url": upstream.url}}, "models": {"m": {"targets": [{"provider": "up"}]}},
         "keys": {"alice": {"sha256": digest(ALICE), **key}},
     })
-    operations = Operations(config, store=RedisStore(redis.url, timeout=state_timeout))
+    store = RedisStore(redis.url, timeout=state_timeout) if redis is not None else None
+    operations = Operations(config, store=store)
     runner = await start(create_app(operations=operations), "127.0.0.1", 0)
     return Running(f"http://127.0.0.1:{bound_port(runner)}", operations), runner
 
@@ -175,13 +177,16 @@ async def test_redis_killed_under_load_fails_no_request_and_comes_back(
     assert any("is back after" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "memory"])
 async def test_a_client_that_hangs_up_at_the_end_of_the_answer_frees_its_slot_and_is_counted(
-    scripted: Scripted, redis_server: RedisServer
+    scripted: Scripted, request: pytest.FixtureRequest, shared: bool
 ) -> None:
     # The client closes (a reset) the moment it has the last byte: the gateway's handler is cancelled
-    # while it still settles the request with Redis. That settling must finish all the same.
+    # while it still settles the request (with Redis: in a shielded task; in memory: in place, where
+    # nothing suspends). That settling must finish all the same.
     upstream = await scripted(named_answer("hi"))
-    gw, runner = await gateway_on_redis(redis_server, upstream, rpm=100000, max_streams=2)
+    redis = request.getfixturevalue("redis_server") if shared else None
+    gw, runner = await gateway_on_redis(redis, upstream, rpm=100000, max_streams=2)
     host, port = gw.url.removeprefix("http://").split(":")
     body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n"

@@ -50,6 +50,10 @@ class Bucket:
 class StateStore(abc.ABC):
     """Shared numbers of the gateway; every operation is atomic on its own."""
 
+    # Whether an operation may wait for I/O: a caller that must not be cut half-way by a cancellation
+    # then runs it shielded, in a task of its own.
+    suspends = True
+
     @abc.abstractmethod
     async def take(self, name: str, amount: float, capacity: float, per_second: float) -> Bucket:
         """Refill token bucket ``name`` (full at first), then take ``amount`` if it holds that much.
@@ -88,6 +92,8 @@ class StateStore(abc.ABC):
 
 class MemoryStore(StateStore):
     """The store of one process. No operation awaits anything, so each is atomic in the event loop."""
+
+    suspends = False
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

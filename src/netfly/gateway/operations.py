@@ -163,6 +163,8 @@ class Operations:
         finally:
             if record.key is None:
                 self._settle_now(record)  # no usage or limits to store: nothing to wait for, no task
+            elif not self.store.suspends:
+                await self._settle(record)  # never suspends, so no cancellation can cut it: no task
             else:
                 await self._settle_shielded(record)
 
