@@ -189,3 +189,15 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     yield launch
     for runner in runners:
         await runner.cleanup()
+
+
+LOOPS = ["asyncio", "uvloop"]  # the loops `netfly serve` runs on (uvloop by default)
+
+
+def loop_policy(name: str) -> asyncio.AbstractEventLoopPolicy:
+    """For a module's ``event_loop_policy`` fixture parametrized over :data:`LOOPS`: the server's
+    timers and transports behave differently on the two (uvloop's call_at for a past time returns a
+    plain Handle; its transports are not asyncio.Transport subclasses)."""
+    if name == "uvloop":
+        return pytest.importorskip("uvloop").EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()

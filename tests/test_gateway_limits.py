@@ -18,7 +18,7 @@ from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.connections import ConnectionLimits
 from netfly.gateway.server import Runner
 
-from .conftest import ScriptedServer, chunk, sse, stream_bytes
+from .conftest import LOOPS, ScriptedServer, chunk, loop_policy, sse, stream_bytes
 
 TOKEN = "gw-token-limits-41d7"
 FAST = ConnectionLimits(header_timeout=0.5, body_timeout=0.5, keepalive_timeout=0.6, max_connections=50)
@@ -26,6 +26,11 @@ SLACK = 0.5  # scheduling slack on top of a timeout
 
 Scripted = Callable[..., Awaitable[ScriptedServer]]
 Launch = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture(params=LOOPS)
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    return loop_policy(request.param)  # every test here on both loops
 
 
 @pytest.fixture
@@ -151,6 +156,22 @@ async def test_a_body_sent_one_byte_at_a_time_gets_408_within_the_body_timeout(
     assert took <= FAST.body_timeout + SLACK
     assert "POST /v1/chat/completions 408 " in caplog.text
     assert "unexpected error" not in caplog.text and "Unhandled exception" not in caplog.text
+
+
+async def test_a_body_whose_deadline_passed_while_the_loop_stalled_still_gets_408(launch: Launch) -> None:
+    # One loop timer serves the head's deadline (0.5 s from the connection) and then the body's (0.6 s):
+    # it fires for the first, finds the second ahead and re-arms. A loop stalled past both (a GC pause,
+    # a CPU hog) re-arms for a time already past, which on uvloop gives a plain Handle without when().
+    limits = ConnectionLimits(header_timeout=0.5, body_timeout=0.5, keepalive_timeout=5, max_connections=5)
+    reader, writer = await _connect(await launch(limits=limits))
+    await asyncio.sleep(0.1)
+    writer.write(_request(CHAT)[:-1])  # all but the body's last byte
+    await asyncio.sleep(0.3)
+    time.sleep(0.4)  # the loop stalls from 0.4 s to 0.8 s
+    data, _ = await _read_until_closed(reader, limit=5)
+    writer.close()
+    status, error = _status_and_json(data)
+    assert status == 408 and error["error"]["code"] == "request_timeout"
 
 
 async def test_a_body_that_arrives_in_time_in_pieces_is_served(launch: Launch) -> None:

@@ -73,7 +73,8 @@ class Connection(asyncio.Protocol):
         self._keep = False  # the current answer leaves the connection open
         self._drain: asyncio.Future[None] | None = None
         self._reading = True
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when the loop timer fires
         self._timer_kind = 0  # what the deadline is for (0: nothing)
         self._deadline = 0.0
         self._incoming: Request | None = None  # the request whose body is arriving
@@ -422,22 +423,27 @@ class Connection(asyncio.Protocol):
         (and cancel) a timer per request; one that fires early re-arms for the deadline."""
         deadline = self._deadline = self.loop.time() + delay
         self._timer_kind = kind
-        if self._timer is None or self._timer.when() > deadline:
+        if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._expired)
+            self._schedule(deadline)
+
+    def _schedule(self, when: float) -> None:
+        # The time is kept here: uvloop's call_at for a time already past returns a plain Handle,
+        # which has no when().
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._expired)
 
     def _cancel_timer(self) -> None:
         self._timer_kind = 0  # the loop timer may still fire: it finds nothing to do
 
     def _expired(self) -> None:
-        assert self._timer is not None
-        when, self._timer = self._timer.when(), None
+        when, self._timer = self._timer_at, None
         kind = self._timer_kind
         if not kind or self.transport is None:
             return
         if self._deadline > when:  # moved on since this timer was set
-            self._timer = self.loop.call_at(self._deadline, self._expired)
+            self._schedule(self._deadline)
             return
         self._timer_kind = 0
         if kind == _BODY:
