@@ -21,8 +21,9 @@ import aiohttp
 import httptools
 from aiohttp.http import SERVER_SOFTWARE
 
-# aiohttp's limits for a status line and a header field: a hostile upstream cannot make the client
-# buffer an endless head. The whole head is bounded too (aiohttp allows 32768 fields of 8190 bytes).
+# aiohttp's limits for a head's first line and a header field: a hostile peer cannot make netfly
+# buffer an endless head (an upstream's, here; a client's, in the gateway's server). The whole head is
+# bounded too (aiohttp allows 32768 fields of 8190 bytes).
 MAX_LINE = 8190
 MAX_HEAD = 64 * 1024
 _PAUSE_AT = 128 * 1024  # unread body bytes that stop reading from the socket (aiohttp: 2 x 64 KiB)

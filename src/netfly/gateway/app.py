@@ -153,13 +153,12 @@ class Gateway:
 
     async def openai_errors(self, request: Request, handler: Handler) -> StreamResponse:
         """Every failure becomes an OpenAI-style JSON error; nothing escapes to crash a connection."""
-        extra: dict[str, str] = {}
         try:
             return await handler(request)
         except HTTPError as exc:
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
             info = ErrorInfo(exc.status, f"{exc.reason}: {request.method} {request.raw_path}", kind)
-            extra = exc.headers
+            return _error_answer(request, info, exc.headers)
         except GatewayError as exc:
             info = describe(exc)
         except NetflyError as exc:
@@ -169,10 +168,7 @@ class Gateway:
             logger.exception("unexpected error handling %s %s", request.method, request.raw_path)
             info = describe(exc)
             _note(type(exc).__name__)
-        headers = {**info.headers(), **extra}
-        if request.path.startswith("/v1/messages"):  # the Anthropic API's clients expect its error shape
-            return json_response(anthropic_error(info), status=info.status, headers=headers)
-        return json_response(info.body(), status=info.status, headers=headers)
+        return _error_answer(request, info)
 
     async def require_token(self, request: Request, handler: Handler) -> StreamResponse:
         if self._token is not None and not pages.is_public(request):
@@ -417,6 +413,13 @@ def _router(
     if configured is None:
         raise ConfigurationError("no provider: pass one, or a configuration with [providers]")
     return configured
+
+
+def _error_answer(request: Request, info: ErrorInfo, extra: Mapping[str, str] | None = None) -> Response:
+    headers = {**info.headers(), **extra} if extra else info.headers()
+    if request.path.startswith("/v1/messages"):  # the Anthropic API's clients expect its error shape
+        return json_response(anthropic_error(info), status=info.status, headers=headers)
+    return json_response(info.body(), status=info.status, headers=headers)
 
 
 def _call_options(

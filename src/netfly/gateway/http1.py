@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from .._http1 import MAX_HEAD, MAX_LINE
 from .connections import RequestBodyTimeout, peer_of, raw_response
 from .errors import ErrorInfo
 from .web import REASONS, Headers, HTTPError, Request, Response, StreamResponse, text_response
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("netfly.gateway")
 
-MAX_LINE = 8190  # aiohttp's limit for the request line and for each header field
-MAX_HEAD = 64 * 1024  # the whole head
 MAX_HEADERS = 128
 MAX_PIPELINED = 16  # requests parsed ahead of their turn; past that, the connection ends after them
 LINGER_BYTES = 16 * 1024 * 1024  # an unread body drained after the answer (so the client sees it), at most

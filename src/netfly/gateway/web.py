@@ -240,7 +240,7 @@ def text_response(text: str, *, status: int = 200, headers: Mapping[str, str] | 
 class _Route:
     """The handlers of one path (or path pattern), by method, each inside the middleware chain."""
 
-    __slots__ = ("template", "canonical", "pattern", "handlers", "chains")
+    __slots__ = ("template", "canonical", "pattern", "handlers", "chains", "not_allowed")
 
     def __init__(self, template: str) -> None:
         self.template = template
@@ -248,6 +248,7 @@ class _Route:
         self.pattern = _compile(template) if "{" in template else None
         self.handlers: dict[str, Handler] = {}
         self.chains: dict[str, Handler] = {}
+        self.not_allowed: Handler | None = None  # its 405, naming the methods there are
 
 
 class App:
@@ -263,7 +264,7 @@ class App:
         self.state: dict[str, Any] = {}
         self._exact: dict[str, _Route] = {}
         self._patterns: list[_Route] = []
-        self._unrouted: dict[int, Handler] = {}
+        self._not_found: Handler = functools.partial(_raise, 404, {})
         self.frozen = False
 
     def add_route(self, method: str, template: str, handler: Handler) -> None:
@@ -293,7 +294,9 @@ class App:
         self.frozen = True
         for route in (*self._exact.values(), *self._patterns):
             route.chains = {method: self._chain(handler) for method, handler in route.handlers.items()}
-        self._unrouted = {status: self._chain(functools.partial(_raise, status)) for status in (404, 405)}
+            allow = {"Allow": ", ".join(sorted(route.handlers))}
+            route.not_allowed = self._chain(functools.partial(_raise, 405, allow))
+        self._not_found = self._chain(functools.partial(_raise, 404, {}))
 
     def _chain(self, handler: Handler) -> Handler:
         for middleware in reversed(self.middlewares):  # a partial: no frame of its own per call
@@ -307,12 +310,12 @@ class App:
         if route is None:
             route = self._match(request, path)
             if route is None:
-                return self._unrouted[404]
+                return self._not_found
         chain = route.chains.get(request.method)
         if chain is None:
             request.match_info = {}
-            request.state[_ALLOW] = ", ".join(sorted(route.chains))
-            return self._unrouted[405]
+            assert route.not_allowed is not None, "routes are resolved once the app is frozen"
+            return route.not_allowed
         request.route = route.canonical
         return chain
 
@@ -344,12 +347,8 @@ class App:
             await hook(self)
 
 
-_ALLOW = "netfly.allow"  # a 405's methods, from resolve to the handler that raises it
-
-
-async def _raise(status: int, request: Request) -> StreamResponse:
-    allowed = request.state.get(_ALLOW)
-    raise HTTPError(status, headers={"Allow": allowed} if allowed else None)
+async def _raise(status: int, headers: Mapping[str, str], request: Request) -> StreamResponse:
+    raise HTTPError(status, headers=headers)
 
 
 def _compile(template: str) -> re.Pattern[str]:
