@@ -21,7 +21,8 @@ from netfly.events import ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Usage
 from netfly.gateway.chat import ChatChunkEncoder
 from netfly.gateway.errors import ErrorInfo
 from netfly.gateway.messages import MessageBuilder, MessagesEncoder
-from netfly.gateway.relay import StreamEncoder
+from netfly.chunks import Item, as_events
+from netfly.gateway.relay import StreamEncoder, encode_read
 from netfly.gateway.responses import ResponseBuilder, ResponsesEncoder
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -209,3 +210,22 @@ def test_a_run_of_texts_encodes_as_its_deltas_one_by_one(make: Any, before: str)
     assert encoder.finish() == one_by_one.finish()
     if not isinstance(encoder, ChatChunkEncoder):  # the answer each keeps for its closing events
         assert encoder.accumulator.result() == one_by_one.accumulator.result()
+
+
+_MIXED_READ: list[Item] = [
+    [ChunkMeta(id="up-1", model="m", created=5), ChoiceDelta(role="assistant", text="")], "Hel", "lo",
+    [ChoiceDelta(tool_calls=(ToolCallDelta(index=0, id="c1", name="f", arguments="{}"),))], " \u0442", "!",
+    [ChoiceDelta(finish_reason="stop")], [Usage({"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5})],
+]
+
+
+@pytest.mark.parametrize("make", [chat_encoder, responses_encoder, messages_encoder])
+def test_a_read_of_texts_and_events_encodes_as_its_events_one_by_one(make: Any) -> None:
+    """A read that mixes plain texts and events (the first read of a short answer: role, texts, finish)
+    gives the bytes of encoding its events in order."""
+    encoder = make()
+    encoder.start()
+    one_by_one = copy.deepcopy(encoder)
+    expected = b"".join(one_by_one.encode(event) for item in _MIXED_READ for event in as_events(item))
+    assert encode_read(encoder, _MIXED_READ) == expected
+    assert encoder.finish() == one_by_one.finish()

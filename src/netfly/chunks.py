@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
-from itertools import repeat
+from collections.abc import Callable, Iterator
+from itertools import groupby, repeat
 from operator import itemgetter
-from typing import Any, TypeAlias, TypeGuard
+from typing import Any, TypeAlias, TypeGuard, cast
 
 from . import _json
 from .errors import StreamDecodeError, UpstreamError
@@ -28,7 +28,7 @@ from .events import ChatResult, ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Us
 from .redact import clip
 from .sse import ServerSentEvent, SSEDecoder
 
-__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events", "only_texts"]
+__all__ = ["DONE", "ChatResult", "ChunkInterpreter", "Item", "as_events", "only_texts", "runs"]
 
 logger = logging.getLogger("netfly")
 
@@ -62,6 +62,17 @@ _CONTENT_STRING = re.compile(r'"content": *("(?:[^"\\]|\\.)*")')
 def only_texts(items: list[Item]) -> TypeGuard[list[str]]:
     """Whether ``items`` are all plain texts (nearly every read of a long answer): one C loop to tell."""
     return set(map(type, items)) == _ONLY_TEXT
+
+
+def runs(items: list[Item]) -> Iterator[tuple[list[str], list[Event]]]:
+    """``items`` in order as ``(texts, [])`` for each run of plain texts and ``([], events)`` for each
+    list of events: a run of texts (the first read of an answer holds one between its first and last
+    chunks) is handled at once."""
+    for kind, run in groupby(items, type):
+        if kind is str:
+            yield cast("list[str]", list(run)), []
+        else:
+            yield from (([], events) for events in cast("Iterator[list[Event]]", run))
 
 
 def _end_of_events(raw: bytes, count: int) -> int:

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _json
-from .chunks import ChunkInterpreter, Item, as_events, only_texts
+from .chunks import ChunkInterpreter, Item, as_events, only_texts, runs
 from .errors import (
     LocalServerError,
     NetflyError,
@@ -238,11 +238,11 @@ class ChatStream:
         if only_texts(read):  # no step per text
             self._note_texts(read)
             return
-        for item in read:
-            if isinstance(item, str):
-                self._note_text(item)
+        for texts, events in runs(read):
+            if texts:
+                self._note_texts(texts)
             else:
-                self._note_events(item)
+                self._note_events(events)
 
     def _note_texts(self, texts: list[str]) -> None:
         """:meth:`_note_text` of each of ``texts``, at once."""

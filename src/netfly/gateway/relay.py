@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Protocol
 
-from ..chunks import Item, as_events, only_texts
+from ..chunks import Item, only_texts, runs
 from ..events import Event
 from .errors import ErrorInfo
 from .web import Request, StreamResponse
@@ -137,8 +137,10 @@ async def relay(channel: SSEChannel, reads: AsyncIterator[list[Item]], encoder: 
 
 
 def encode_read(encoder: StreamEncoder, read: list[Item]) -> bytes:
-    """The bytes of one read's items: a run of plain texts (nearly every read) encoded at once."""
+    """The bytes of one read's items: each run of plain texts (nearly every read is one) encoded at once."""
     if only_texts(read):
         return encoder.encode_texts(read)
-    encode = encoder.encode
-    return b"".join(b"".join(map(encode, as_events(item))) for item in read)
+    parts: list[bytes] = []
+    for texts, events in runs(read):
+        parts.append(encoder.encode_texts(texts) if texts else b"".join(map(encoder.encode, events)))
+    return b"".join(parts)
