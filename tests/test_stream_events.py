@@ -375,8 +375,26 @@ async def test_event_batches_are_the_events_grouped_by_upstream_read(scripted: S
     stream = server.provider(OpenAICompatible).stream("", MESSAGES, n=2)
     batches = [batch async for batch in stream.event_batches()]
     assert [event for batch in batches for event in batch] == expected
-    assert len(batches) == 2 and batches[0] == decode([reads[0]])
+    # The first read's first output (reasoning, in its second event) goes ahead of the rest of that read.
+    assert len(batches) == 3 and batches[0] + batches[1] == decode([reads[0]])
+    assert batches[0] == decode([sse(*EVERY_KIND[:2], done=False)])
     assert stream.result is not None and stream.result.text == "Hello"
+
+
+@pytest.mark.parametrize("events", [1, 2, 3], ids=["alone", "after-a-role-chunk", "after-two-empty-chunks"])
+async def test_the_first_output_of_a_long_first_read_goes_ahead_of_the_rest(scripted: Start, events: int) -> None:
+    """A fast upstream's first read may hold the whole answer: its first text is handed on before the
+    rest of the read is interpreted, so the first token is not held back by the last."""
+    before = [chunk(choice(role="assistant", content="")), chunk(choice(content=""))][: events - 1]
+    texts = [chunk(choice(content=t)) for t in ["Hel", "lo", ", ", "wor", "ld", "!"]]
+    body = sse(*before, *texts, chunk(choice(finish="stop")))
+    server = await scripted(served(body))
+    stream = server.provider(OpenAICompatible).stream("", MESSAGES)
+    reads = [read async for read in stream.reads()]
+    first, rest = ([e for item in read for e in as_events(item)] for read in reads)  # exactly two reads
+    assert first[-1] == ChoiceDelta(text="Hel") and rest[0] == ChoiceDelta(text="lo")
+    assert first + rest == decode([body])
+    assert stream.result is not None and stream.result.text == "Hello, world!"
 
 
 async def test_event_batches_deliver_the_text_before_an_error_in_the_same_read(scripted: Start) -> None:

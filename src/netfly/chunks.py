@@ -75,6 +75,10 @@ def runs(items: list[Item]) -> Iterator[tuple[list[str], list[Event]]]:
             yield from (([], events) for events in cast("Iterator[list[Event]]", run))
 
 
+def _has_output(item: Item) -> bool:
+    return type(item) is str or any(type(e) is ChoiceDelta and e.has_output for e in item)
+
+
 def _end_of_events(raw: bytes, count: int) -> int:
     """Where the first ``count`` events of ``raw`` end (after their blank line), when ``raw`` holds more
     than that; else 0."""
@@ -160,6 +164,25 @@ class ChunkInterpreter:
         else:
             events = decoder.feed(raw)
         self.interpret_events(events, items)
+
+    def interpret_until_output(self, raw: bytes, decoder: SSEDecoder, items: list[Item]) -> bytes:
+        """Append the items of the first events of ``raw`` to ``items``, one event at a time, up to the
+        first that carries output (within the first few); return the rest of ``raw``, not yet fed to
+        ``decoder``. Empty when the events ran out, or ``[DONE]`` came, first."""
+        start = 0
+        for _ in range(_SHAPE_FROM_EVENTS):
+            end = raw.find(b"\n\n", start) + 2
+            if end < 2 or end == len(raw):
+                break
+            self.interpret_events(decoder.feed(raw[start:end]), items)
+            start = end
+            if self.done:
+                decoder.feed(raw[start:])  # what follows [DONE] is decoded as before, and left
+                return b""
+            if items and _has_output(items[-1]):
+                return raw[start:]
+        self.interpret_events(decoder.feed(raw[start:]), items)
+        return b""
 
     def interpret_events(self, events: list[ServerSentEvent], items: list[Item]) -> None:
         """Append the items of ``events`` to ``items``, up to ``[DONE]``."""

@@ -155,7 +155,8 @@ class ChatStream:
                     yield event
 
     async def event_batches(self) -> AsyncGenerator[list[Event], None]:
-        """:meth:`events` grouped by upstream read: all the events one read completed, in one list.
+        """:meth:`events` grouped by upstream read: all the events one read completed, in one list; the
+        first output of the first read goes ahead of the rest of that read, in a list of its own.
 
         A relay that writes each list at once sends as soon as :meth:`events` would, in far fewer writes.
         """
@@ -372,18 +373,13 @@ class ChatStream:
                     f"{clip(snippet, 200, request.secrets)!r}"
                 )
             decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
+            first = True
             async for raw in response:
-                items: list[Item] = []
-                try:
-                    interpreter.interpret_read(raw, decoder, items)
-                except NetflyError:
-                    if items:  # what came before the error is still delivered, then the error
-                        yield items
-                    raise
-                if interpreter.done:
-                    self.at_end = response.at_end
-                if items:
+                for items in _interpreted(interpreter, decoder, raw, first):
+                    if interpreter.done:
+                        self.at_end = response.at_end
                     yield items  # a read's items together: a relay writes them at once
+                first = False
                 if interpreter.done:
                     break
             else:
@@ -407,6 +403,26 @@ class ChatStream:
         except _json.JSONDecodeError as exc:
             raise StreamDecodeError(f"{self.request.provider}: invalid JSON reply: {exc}") from None
         return interpreter.interpret_completion(parsed)
+
+
+def _interpreted(interpreter: ChunkInterpreter, decoder: SSEDecoder, raw: bytes, first: bool) -> Iterator[list[Item]]:
+    """The items of one upstream read, to hand on together; an error in it is raised after the items
+    before it. The first read's first output goes ahead of the rest, interpreted only then: a fast
+    upstream's first read may hold the whole answer, which would hold back the first token."""
+    items: list[Item] = []
+    try:
+        if first:
+            raw = interpreter.interpret_until_output(raw, decoder, items)
+            if raw and items:
+                yield items
+                items = []
+        interpreter.interpret_read(raw, decoder, items)
+    except NetflyError:
+        if items:
+            yield items
+        raise
+    if items:
+        yield items
 
 
 # Every field of an error that may hold text an upstream sent.
