@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from .. import _json
 from ..provider import CALL_OPTIONS
@@ -105,27 +105,30 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
 
 
 def _check_types(body: Mapping[str, Any]) -> None:
-    for name in _NUMBERS:
-        _expect(body, name, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
-    for name in _INTEGERS:
-        _expect(body, name, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
-    for name in _BOOLEANS:
-        _expect(body, name, "a boolean", lambda v: isinstance(v, bool))
-    for name in _STRINGS:
-        _expect(body, name, "a string", lambda v: isinstance(v, str))
-    for name in _OBJECTS:
-        _expect(body, name, "an object", lambda v: isinstance(v, dict))
-    for name in _ARRAYS:
-        _expect(body, name, "an array", lambda v: isinstance(v, list))
-    _expect(body, "stop", "a string or an array of strings",
-            lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)))
-    _expect(body, "tool_choice", "a string or an object", lambda v: isinstance(v, (str, dict)))
+    for name, value in body.items():  # a request's few fields, not every known one
+        check = _FIELD_CHECKS.get(name)
+        if check is not None and value is not None and not check[1](value):
+            raise GatewayError(400, f"field {name!r} must be {check[0]}, got {json_type(value)}", param=name)
 
 
-def _expect(body: Mapping[str, Any], name: str, what: str, ok: Callable[[Any], bool]) -> None:
-    value = body.get(name)
-    if value is not None and not ok(value):
-        raise GatewayError(400, f"field {name!r} must be {what}, got {json_type(value)}", param=name)
+_Check: TypeAlias = "tuple[str, Callable[[Any], bool]]"  # what a field must be, and the test of it
+
+
+def _kinds(names: tuple[str, ...], what: str, ok: Callable[[Any], bool]) -> dict[str, _Check]:
+    return dict.fromkeys(names, (what, ok))
+
+
+_FIELD_CHECKS: dict[str, _Check] = {
+    **_kinds(_NUMBERS, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    **_kinds(_INTEGERS, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    **_kinds(_BOOLEANS, "a boolean", lambda v: isinstance(v, bool)),
+    **_kinds(_STRINGS, "a string", lambda v: isinstance(v, str)),
+    **_kinds(_OBJECTS, "an object", lambda v: isinstance(v, dict)),
+    **_kinds(_ARRAYS, "an array", lambda v: isinstance(v, list)),
+    "stop": ("a string or an array of strings",
+             lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))),
+    "tool_choice": ("a string or an object", lambda v: isinstance(v, (str, dict))),
+}
 
 
 def json_type(value: Any) -> str:
