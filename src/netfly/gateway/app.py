@@ -171,6 +171,7 @@ class Gateway:
         return _error_answer(request, info)
 
     async def require_token(self, request: Request, handler: Handler) -> StreamResponse:
+        """With ``auth_token``: every request but the public pages needs it."""
         if self._token is not None and not pages.is_public(request):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer":
@@ -363,9 +364,11 @@ def create_app(
         keepalive=_keepalive(keepalive),
         operations=operations,
     )
+    # The token is fixed for the app's life (keys are not: a reload may bring the first ones).
+    token = [gateway.require_token] if auth_token is not None else []
     app = App(
         middlewares=[gateway.log_requests, operations.observe, gateway.openai_errors, gateway.cors_preflight,
-                     operations.authenticate, gateway.require_token],
+                     operations.authenticate, *token],
         client_max_size=max_body_bytes,
     )
     operations.install(app, gateway, request_id=_request_id.get,
