@@ -62,7 +62,12 @@ def _eyeballs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
 
 def request_head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
     """The request line and headers, with aiohttp's defaults for what the caller did not set."""
-    given = {name.lower() for name in headers}
+    return _head_before_length(method, target, host, tuple(headers.items())) + b"Content-Length: %d\r\n\r\n" % length
+
+
+@functools.lru_cache(maxsize=64)  # a provider sends the same headers every time: built once
+def _head_before_length(method: str, target: str, host: str, headers: tuple[tuple[str, str], ...]) -> bytes:
+    given = {name.lower() for name, _ in headers}
     lines = [f"{method} {target} HTTP/1.1"]
     if "host" not in given:
         lines.append(f"Host: {host}")
@@ -74,8 +79,8 @@ def request_head(method: str, target: str, host: str, headers: Mapping[str, str]
         lines.append(f"User-Agent: {SERVER_SOFTWARE}")
     if "content-type" not in given:
         lines.append("Content-Type: application/octet-stream")
-    lines.extend(f"{name}: {value}" for name, value in headers.items() if name.lower() != "content-length")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
+    lines.extend(f"{name}: {value}" for name, value in headers if name.lower() != "content-length")
+    lines.append("")
     return "\r\n".join(lines).encode("utf-8")
 
 
