@@ -7,9 +7,10 @@ import os
 import sys
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from .conftest import answer, stream_bytes
+from .conftest import answer, netfly_serve, stream_bytes
 
 
 async def run_cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -125,3 +126,30 @@ async def test_stats_are_printed_to_stderr(scripted: Any) -> None:
     assert "chunks: 3  characters: 13" in err
     assert "attempt 1: " in err and "HTTP 503: busy" in err
     assert "attempt 2: " in err and ": ok (" in err
+
+
+async def test_serve_writes_each_request_line_while_it_serves(scripted: Any) -> None:
+    """The request log is buffered per turn of the event loop, never held until exit: every line of a
+    burst of requests is on stderr while the gateway still serves, whole and in order."""
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return await stream_bytes(request, answer("ok"))
+
+    server = await scripted(reply)
+    process, port, _ = await netfly_serve("--url", server.url)
+    assert process.stderr is not None
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def ask(number: int) -> int:
+                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions?n={number}",
+                                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                    await r.read()
+                    return r.status
+
+            assert await asyncio.gather(*(ask(n) for n in range(20))) == [200] * 20
+        lines = [(await asyncio.wait_for(process.stderr.readline(), 5)).decode() for _ in range(20)]
+        assert all(line.startswith("netfly: POST /v1/chat/completions 200 ") and line.endswith("\n")
+                   for line in lines), lines
+        assert process.returncode is None
+    finally:
+        process.terminate()
+        await process.wait()

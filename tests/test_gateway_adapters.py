@@ -17,11 +17,11 @@ import openai
 import pytest
 from aiohttp import web
 
+from netfly.chunks import Item, as_events
 from netfly.events import ChoiceDelta, ChunkMeta, Event, ToolCallDelta, Usage
 from netfly.gateway.chat import ChatChunkEncoder
 from netfly.gateway.errors import ErrorInfo
 from netfly.gateway.messages import MessageBuilder, MessagesEncoder
-from netfly.chunks import Item, as_events
 from netfly.gateway.relay import StreamEncoder, encode_read
 from netfly.gateway.responses import ResponseBuilder, ResponsesEncoder
 

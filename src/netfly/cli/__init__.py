@@ -27,6 +27,7 @@ from .check import register_cli as register_check
 from .config import register_cli as register_config
 from .format import format_stats
 from .local import register_cli as register_local
+from .logsink import stderr_handler
 from .serve import register_cli as register_serve
 
 # Exit codes, one per error class (most specific first); documented in README.
@@ -63,7 +64,7 @@ def _setup_logging(verbose: int) -> None:
     # up for every record is the logging module's own advice (its "Optimization" section).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = stderr_handler()
     handler.setFormatter(_OneLineFormatter())
     logger = logging.getLogger("netfly")
     logger.addHandler(handler)

@@ -15,6 +15,7 @@ from ..gateway.operations import Operations
 from ..gateway.redisstore import RedisStore
 from ..gateway.server import serve, start
 from ..gateway.web import App
+from .logsink import stderr_handler
 
 EXIT_INVALID = 2
 
@@ -58,7 +59,7 @@ def setup_request_log(log_format: str) -> None:
     if log_format != "json":
         return
     requests = logging.getLogger("netfly.gateway.requests")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = stderr_handler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     requests.addHandler(handler)
     requests.setLevel(logging.INFO)
