@@ -153,3 +153,18 @@ async def test_serve_writes_each_request_line_while_it_serves(scripted: Any) -> 
     finally:
         process.terminate()
         await process.wait()
+
+
+def test_log_lines_are_written_whole_and_within_pipe_buf_where_they_fit() -> None:
+    """Several processes' lines on one pipe (``--workers``, a container's log) never interleave: each
+    write holds whole lines, at most PIPE_BUF bytes unless one line alone is longer."""
+    import select
+
+    from netfly.cli.logsink import _pieces
+
+    lines = [b"a" * 100 + b"\n"] * 100 + [b"b" * 5000 + b"\n"] + [b"c\n"] * 3
+    pieces = _pieces(lines)
+    assert b"".join(pieces) == b"".join(lines)
+    assert all(piece.endswith(b"\n") for piece in pieces)
+    assert all(len(piece) <= select.PIPE_BUF or piece.count(b"\n") == 1 for piece in pieces)
+    assert len(pieces) == 5  # as few as fit: 40 + 40 + 20 lines of a, the long one, the short ones
