@@ -191,13 +191,18 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
         await runner.cleanup()
 
 
-LOOPS = ["asyncio", "uvloop"]  # the loops `netfly serve` runs on (uvloop by default)
+# The loops `netfly serve` runs on (uvloop by default). A test module that sets ON_BOTH_LOOPS = True
+# runs each of its tests on both: the server's timers and transports behave differently on the two
+# (uvloop's call_at for a past time returns a plain Handle; its transports are not asyncio.Transport
+# subclasses).
+def _uvloop_loop() -> asyncio.AbstractEventLoop:
+    return pytest.importorskip("uvloop").new_event_loop()  # type: ignore[no-any-return]
 
 
-def loop_policy(name: str) -> asyncio.AbstractEventLoopPolicy:
-    """For a module's ``event_loop_policy`` fixture parametrized over :data:`LOOPS`: the server's
-    timers and transports behave differently on the two (uvloop's call_at for a past time returns a
-    plain Handle; its transports are not asyncio.Transport subclasses)."""
-    if name == "uvloop":
-        return pytest.importorskip("uvloop").EventLoopPolicy()  # type: ignore[no-any-return]
-    return asyncio.DefaultEventLoopPolicy()
+_ASYNCIO_ONLY: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+_BOTH_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {**_ASYNCIO_ONLY, "uvloop": _uvloop_loop}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    module = getattr(item, "module", None)
+    return _BOTH_LOOPS if getattr(module, "ON_BOTH_LOOPS", False) else _ASYNCIO_ONLY

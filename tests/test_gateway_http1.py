@@ -17,7 +17,7 @@ from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.connections import ConnectionLimits
 from netfly.gateway.server import Runner
 
-from .conftest import LOOPS, ScriptedServer, answer, chunk, loop_policy, sse, stream_bytes
+from .conftest import ScriptedServer, answer, chunk, sse, stream_bytes
 
 TOKEN = "gw-token-http1-20b7"
 AUTH = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
@@ -26,9 +26,7 @@ CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]
 Scripted = Callable[..., Awaitable[ScriptedServer]]
 
 
-@pytest.fixture(params=LOOPS)
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return loop_policy(request.param)  # every test here on both loops
+ON_BOTH_LOOPS = True  # every test here runs on asyncio's loop and on uvloop (see conftest)
 
 
 class Served:

@@ -18,7 +18,7 @@ from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.connections import ConnectionLimits
 from netfly.gateway.server import Runner
 
-from .conftest import LOOPS, ScriptedServer, chunk, loop_policy, sse, stream_bytes
+from .conftest import ScriptedServer, chunk, sse, stream_bytes
 
 TOKEN = "gw-token-limits-41d7"
 FAST = ConnectionLimits(header_timeout=0.5, body_timeout=0.5, keepalive_timeout=0.6, max_connections=50)
@@ -28,9 +28,7 @@ Scripted = Callable[..., Awaitable[ScriptedServer]]
 Launch = Callable[..., Awaitable[int]]
 
 
-@pytest.fixture(params=LOOPS)
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return loop_policy(request.param)  # every test here on both loops
+ON_BOTH_LOOPS = True  # every test here runs on asyncio's loop and on uvloop (see conftest)
 
 
 @pytest.fixture
