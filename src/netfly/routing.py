@@ -549,8 +549,7 @@ class RoutedStream(ChatStream):
                     # StreamInterruptedError carrying the partial result.
                     book.failed(winner.provider, exc)
                     raise
-            result = winner.stream.result
-            self._finish(result.malformed_chunks if result is not None else 0)
+            self._adopt_result(winner.stream)
         finally:
             if runners:  # closed or cancelled during the race
                 await self._cancel(runners, "the routed stream was closed")
@@ -558,6 +557,17 @@ class RoutedStream(ChatStream):
                 await winner.stream.aclose()
                 self._collect(winner, None if self.result is not None else "closed before the end")
             stats.duration = time.monotonic() - started
+
+    def _adopt_result(self, served: ChatStream) -> None:
+        """The result once the serving provider's stream ended: that stream's own when it made one
+        attempt (then it assembled the very events handed on here), else assembled here."""
+        result = served.result
+        if result is None or len(served.stats.attempts) != 1:
+            self._finish(result.malformed_chunks if result is not None else 0)
+            return
+        self.result = result
+        if result.model:
+            self.stats.model = result.model
 
     async def _race(
         self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
