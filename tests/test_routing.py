@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -299,6 +300,17 @@ async def test_router_validates_before_any_request(scripted: Any) -> None:
         RetryProvider([a.provider()], hedge_after=0)
     assert router.build_request("m1", MESSAGES).provider == "B"  # the first provider that takes m1
     assert a.requests == []
+
+
+def test_a_router_checks_messages_once_and_every_provider_sends_them() -> None:
+    a = OpenAICompatible.configure(name="A", url="http://127.0.0.1:9/v1", default_model="m")
+    b = OpenAICompatible.configure(name="B", url="http://127.0.0.1:9/v1", default_model="m")
+    messages = [{"role": "user", "content": "Hi", "name": "x"}]
+    plan = RetryProvider([a, b]).plan(None, messages)
+    sent = [json.loads(call.request.payload)["messages"] for _, call in plan.steps if not isinstance(call, Exception)]
+    assert sent == [messages, messages]
+    with pytest.raises(ConfigurationError, match=r"^messages\[0\]\['role'\] must be a non-empty string"):
+        RetryProvider([a, b]).plan(None, [{"role": "", "content": "Hi"}])
 
 
 async def test_a_model_only_some_providers_have_goes_to_those(scripted: Any) -> None:

@@ -59,6 +59,11 @@ BROWSER_USER_AGENT = (
 )
 
 
+class ValidatedMessages(list[dict[str, Any]]):
+    """Messages :func:`~netfly.messages.validate_messages` returned: a router checks them once for
+    every provider it prepares a call for."""
+
+
 class Provider:
     """Base of every provider. Subclasses set class attributes; the methods stay the same."""
 
@@ -181,7 +186,7 @@ class Provider:
         as given (``None`` there is sent as ``null``, as openai-python does).
         """
         options = _call_options(kwargs)
-        checked = validate_messages(messages)
+        checked = messages if type(messages) is ValidatedMessages else validate_messages(messages)
         resolved_model = cls.get_model(model)
         url = cls.endpoint_url()
 

@@ -42,7 +42,7 @@ from .errors import (
     NetflyError,
 )
 from .messages import validate_messages
-from .provider import Provider
+from .provider import Provider, ValidatedMessages
 from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
 
 __all__ = [
@@ -358,14 +358,14 @@ class RoutedProvider(Provider):
         if not cls.providers:
             raise ConfigurationError(f"{cls.name()} has no providers")
         _refuse_shared_key(cls, kwargs.get("api_key"))
-        validate_messages(messages)  # one clear error instead of the same one per provider
+        messages = ValidatedMessages(validate_messages(messages))  # one clear error, not one per provider
         resolved = cls.get_model(model)
         if cls.provider_max_retries is not None and "max_attempts" not in kwargs:
             kwargs.setdefault("max_retries", cls.provider_max_retries)
         steps: list[tuple[type[Provider], PreparedCall | ConfigurationError]] = []
         for provider in cls.providers:
             try:
-                steps.append((provider, provider.prepare(resolved, messages, proxy, **dict(kwargs))))
+                steps.append((provider, provider.prepare(resolved, messages, proxy, **kwargs)))
             except ConfigurationError as exc:
                 steps.append((provider, exc))
         if not any(isinstance(outcome, PreparedCall) for _, outcome in steps):
@@ -527,7 +527,8 @@ class RoutedStream(ChatStream):
         runners: list[_Runner] = []
         winner: _Runner | None = None
         try:
-            winner = await self._race(queue, runners, errors)
+            hedged = self.router.hedge_after is not None
+            winner = await (self._race(queue, runners, errors) if hedged else self._one_by_one(queue, errors))
             stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
             self.request = winner.stream.request
             book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
@@ -572,9 +573,7 @@ class RoutedStream(ChatStream):
     async def _race(
         self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
     ) -> _Runner:
-        """Race to the first output: providers fail over one by one, or overlap when hedging."""
-        if self.router.hedge_after is None:
-            return await self._one_by_one(queue, errors)
+        """Race to the first output, hedging: the next provider starts alongside after ``hedge_after``."""
         router = self.router
         while True:
             if not runners and not self._launch(queue, runners, errors, hedged=True):
