@@ -313,6 +313,30 @@ def test_a_router_checks_messages_once_and_every_provider_sends_them() -> None:
         RetryProvider([a, b]).plan(None, [{"role": "", "content": "Hi"}])
 
 
+async def test_a_routed_stream_read_for_events_or_text_has_the_same_answer_and_figures(scripted: Any) -> None:
+    # Read for events, a routed stream shares the answer its serving provider's stream assembles;
+    # read for text, it assembles its own: the two must agree, a retried provider included.
+    for failing_first, busy_first in ((True, True), (False, False), (True, False)):
+        results = []
+        for mode in ("events", "text"):
+            down = [await scripted(status(500, "down"))] if failing_first else []
+            busy = [status(503, "busy")] if busy_first else []
+            retried = await scripted(*busy, ok("Hello ", "routed ", "world"))
+            router = RetryProvider([*(s.provider(max_retries=1) for s in down), retried.provider(max_retries=3)])
+            stream = router.stream(None, MESSAGES)
+            if mode == "events":
+                kinds = [type(event).__name__ async for event in stream.events()]
+                assert "ChoiceDelta" in kinds
+            else:
+                assert "".join([text async for text in stream]) == "Hello routed world"
+            stats = stream.stats
+            assert stream.result is not None and stats.time_to_first_token is not None
+            results.append((stream.text, stream.result.text, stream.result.finish_reason, stats.chunks,
+                            stats.characters, stats.provider, len(stats.attempts)))
+        assert results[0] == results[1]
+        assert results[0][:2] == ("Hello routed world", "Hello routed world")
+
+
 async def test_a_model_only_some_providers_have_goes_to_those(scripted: Any) -> None:
     a = await scripted(ok("from A"))
     b = await scripted(ok("from B"))

@@ -510,8 +510,32 @@ class RoutedStream(ChatStream):
     def __init__(self, router: type[RoutedProvider], plan: RoutePlan) -> None:
         self.router = router
         self._plan = plan
+        self._mirrored: ChatStream | None = None  # the served stream whose answer this one shares
         stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
         super().__init__(plan.first_call.request, stats=stats)
+
+    def _served_by(self, winner: _Runner) -> None:
+        """``winner`` answered first: from now on its stream is this one's source."""
+        served = winner.stream
+        self.stats.provider = served.stats.provider  # for a nested router: the one that served
+        self.request = served.request
+        self.router.breakers.succeeded(winner.provider, served.stats.time_to_first_token)
+        self.at_end = served.at_end
+        if self._events_mode and len(served.stats.attempts) == 1:
+            # Read with reads(): every read handed on here is one the served stream noted already, into
+            # the very answer this one would assemble again. Share it; mirror the figures (_note_read).
+            self._accumulate(served._acc)
+            self._mirrored = served
+
+    def _note_read(self, read: list[Item]) -> None:
+        served = self._mirrored
+        if served is None:
+            super()._note_read(read)
+            return
+        stats, theirs = self.stats, served.stats
+        if stats.time_to_first_token is None and theirs.time_to_first_token is not None:
+            stats.time_to_first_token = time.monotonic() - self._started
+        stats.chunks, stats.characters = theirs.chunks, theirs.characters
 
     async def _source(self) -> AsyncGenerator[list[Item], None]:
         stats, book = self.stats, self.router.breakers
@@ -529,12 +553,9 @@ class RoutedStream(ChatStream):
         try:
             hedged = self.router.hedge_after is not None
             winner = await (self._race(queue, runners, errors) if hedged else self._one_by_one(queue, errors))
-            stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
-            self.request = winner.stream.request
-            book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
+            self._served_by(winner)
             assert winner.output is not None  # the race returns a runner that has answered
             items, ended = winner.output
-            self.at_end = winner.stream.at_end
             if items:
                 yield items
             while not ended:
