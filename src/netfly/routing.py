@@ -514,6 +514,16 @@ class RoutedStream(ChatStream):
         stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
         super().__init__(plan.first_call.request, stats=stats)
 
+    def _queue(self, errors: dict[str, BaseException]) -> _Queue:
+        """The providers to try, in the strategy's order, with their calls; those ruled out are skipped."""
+        calls: dict[type[Provider], PreparedCall] = {}
+        for provider, outcome in self._plan.steps:
+            if isinstance(outcome, ConfigurationError):
+                self._skip(errors, provider.name(), outcome)
+            else:
+                calls[provider] = outcome
+        return deque((p, calls[p]) for p in self.router.order(list(calls)))
+
     def _served_by(self, winner: _Runner) -> None:
         """``winner`` answered first: from now on its stream is this one's source."""
         served = winner.stream
@@ -541,13 +551,7 @@ class RoutedStream(ChatStream):
         stats, book = self.stats, self.router.breakers
         self._started = started = time.monotonic()
         errors: dict[str, BaseException] = {}
-        calls: dict[type[Provider], PreparedCall] = {}
-        for provider, outcome in self._plan.steps:
-            if isinstance(outcome, ConfigurationError):
-                self._skip(errors, provider.name(), outcome)
-            else:
-                calls[provider] = outcome
-        queue = deque((p, calls[p]) for p in self.router.order(list(calls)))
+        queue = self._queue(errors)
         runners: list[_Runner] = []
         winner: _Runner | None = None
         try:
