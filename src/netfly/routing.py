@@ -363,12 +363,14 @@ class RoutedProvider(Provider):
         if cls.provider_max_retries is not None and "max_attempts" not in kwargs:
             kwargs.setdefault("max_retries", cls.provider_max_retries)
         steps: list[tuple[type[Provider], PreparedCall | ConfigurationError]] = []
+        prepared = False
         for provider in cls.providers:
             try:
                 steps.append((provider, provider.prepare(resolved, messages, proxy, **kwargs)))
+                prepared = True
             except ConfigurationError as exc:
                 steps.append((provider, exc))
-        if not any(isinstance(outcome, PreparedCall) for _, outcome in steps):
+        if not prepared:
             first = next(outcome for _, outcome in steps if isinstance(outcome, ConfigurationError))
             reasons = "; ".join(f"{p.name()}: {outcome}" for p, outcome in steps)
             raise ConfigurationError(f"{cls.name()}: no provider can take this request: {reasons}", param=first.param)

@@ -270,7 +270,10 @@ async def admit(store: StateStore, key: ClientKey, model: str, tokens: int, admi
 
 def estimate_tokens(messages: Sequence[Any], max_tokens: int | None) -> int:
     """A rough count before the answer: ~4 characters a token, plus the answer's cap when given."""
-    characters = sum(len(str(m.get("content") or "")) + 16 for m in messages if isinstance(m, dict))
+    characters = 0
+    for message in messages:  # a loop: usually one or two messages, for which a generator costs more
+        if isinstance(message, dict):
+            characters += len(str(message.get("content") or "")) + 16
     return math.ceil(characters / 4) + (max_tokens or 0)
 
 

@@ -189,7 +189,8 @@ class Operations:
         except Exception:
             await self._read_limits(record)  # the error's answer carries them too
             raise
-        await self._read_limits(record)
+        if not limits_described(record.key, record.rate_headers):  # admitted: described already
+            await self._read_limits(record)
         return response
 
     async def _read_limits(self, record: RequestRecord) -> None:
