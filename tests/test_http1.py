@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from netfly import FreeNetfly, StreamInterruptedError, Timeout, TransportError, aclose
-from netfly.transport import open_stream
+from netfly.transport import SessionPool, open_stream
 
 from .conftest import answer, chunk, sse
 
@@ -152,3 +152,20 @@ def test_the_client_runs_on_uvloop() -> None:
                 await aclose()
 
     assert uvloop.run(kept_connection()) == ["on uvloop"] * 2
+
+
+def test_each_loop_gets_its_own_pool_and_a_closed_one_is_replaced() -> None:
+    # The pool remembers the last loop it served: a new loop (a new asyncio.run) or aclose() must not
+    # be handed the pool of another loop or the closed one.
+    pool = SessionPool()
+
+    async def pools() -> tuple[object, object, object]:
+        first = await pool.http1()
+        again = await pool.http1()
+        await pool.aclose()
+        return first, again, await pool.http1()
+
+    first, again, after_close = asyncio.run(pools())
+    other_loop, _, _ = asyncio.run(pools())
+    assert first is again and after_close is not first
+    assert other_loop is not first and other_loop is not after_close

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -299,6 +300,41 @@ async def test_router_validates_before_any_request(scripted: Any) -> None:
         RetryProvider([a.provider()], hedge_after=0)
     assert router.build_request("m1", MESSAGES).provider == "B"  # the first provider that takes m1
     assert a.requests == []
+
+
+def test_a_router_checks_messages_once_and_every_provider_sends_them() -> None:
+    a = OpenAICompatible.configure(name="A", url="http://127.0.0.1:9/v1", default_model="m")
+    b = OpenAICompatible.configure(name="B", url="http://127.0.0.1:9/v1", default_model="m")
+    messages = [{"role": "user", "content": "Hi", "name": "x"}]
+    plan = RetryProvider([a, b]).plan(None, messages)
+    sent = [json.loads(call.request.payload)["messages"] for _, call in plan.steps if not isinstance(call, Exception)]
+    assert sent == [messages, messages]
+    with pytest.raises(ConfigurationError, match=r"^messages\[0\]\['role'\] must be a non-empty string"):
+        RetryProvider([a, b]).plan(None, [{"role": "", "content": "Hi"}])
+
+
+async def test_a_routed_stream_read_for_events_or_text_has_the_same_answer_and_figures(scripted: Any) -> None:
+    # Read for events, a routed stream shares the answer its serving provider's stream assembles;
+    # read for text, it assembles its own: the two must agree, a retried provider included.
+    for failing_first, busy_first in ((True, True), (False, False), (True, False)):
+        results = []
+        for mode in ("events", "text"):
+            down = [await scripted(status(500, "down"))] if failing_first else []
+            busy = [status(503, "busy")] if busy_first else []
+            retried = await scripted(*busy, ok("Hello ", "routed ", "world"))
+            router = RetryProvider([*(s.provider(max_retries=1) for s in down), retried.provider(max_retries=3)])
+            stream = router.stream(None, MESSAGES)
+            if mode == "events":
+                kinds = [type(event).__name__ async for event in stream.events()]
+                assert "ChoiceDelta" in kinds
+            else:
+                assert "".join([text async for text in stream]) == "Hello routed world"
+            stats = stream.stats
+            assert stream.result is not None and stats.time_to_first_token is not None
+            results.append((stream.text, stream.result.text, stream.result.finish_reason, stats.chunks,
+                            stats.characters, stats.provider, len(stats.attempts)))
+        assert results[0] == results[1]
+        assert results[0][:2] == ("Hello routed world", "Hello routed world")
 
 
 async def test_a_model_only_some_providers_have_goes_to_those(scripted: Any) -> None:

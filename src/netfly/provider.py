@@ -51,10 +51,17 @@ BODY_FIELDS = frozenset({
     "metadata", "store", "service_tier", "web_search_options", "verbosity", "grammar", "json_schema",
 })
 
+_NO_NAMES: frozenset[str] = frozenset()
+
 BROWSER_USER_AGENT = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/126.0.0.0 Safari/537.36"
 )
+
+
+class ValidatedMessages(list[dict[str, Any]]):
+    """Messages :func:`~netfly.messages.validate_messages` returned: a router checks them once for
+    every provider it prepares a call for."""
 
 
 class Provider:
@@ -179,7 +186,7 @@ class Provider:
         as given (``None`` there is sent as ``null``, as openai-python does).
         """
         options = _call_options(kwargs)
-        checked = validate_messages(messages)
+        checked = messages if type(messages) is ValidatedMessages else validate_messages(messages)
         resolved_model = cls.get_model(model)
         url = cls.endpoint_url()
 
@@ -205,7 +212,7 @@ class Provider:
             max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             secrets=_secrets(url, headers, cls.secret_headers, api_key, parsed_proxy),
             payload=payload,
-            secret_headers=frozenset(n.lower() for n in cls.secret_headers),
+            secret_headers=frozenset(n.lower() for n in cls.secret_headers) if cls.secret_headers else _NO_NAMES,
         )
 
     @classmethod
@@ -325,7 +332,7 @@ def _secrets(
     """Everything of one call that must never be shown: the key, credential headers' values, the
     passwords of the URL and of the proxy."""
     found = (api_key, *header_secrets(headers, secret_names), *url_secrets(url), proxy.password if proxy else None)
-    return tuple(dict.fromkeys(s for s in found if s))
+    return tuple(dict.fromkeys(filter(None, found)))
 
 
 def _parse_proxy(proxy: Any) -> Proxy | None:
@@ -380,15 +387,19 @@ def _retry_policy(cls: type[Provider], options: Mapping[str, Any]) -> RetryPolic
             raise ConfigurationError("retry_policy must be a netfly.RetryPolicy", param="retry_policy")
         return policy
     name = "max_attempts" if "max_attempts" in options else "max_retries"
-    attempts = _checks.whole(name, options.get(name, cls.max_retries), unit="attempts")
-    delay = _checks.seconds("retry_delay", options.get("retry_delay", cls.retry_delay))
-    return _shared_policy(attempts, delay)
+    attempts, delay = options.get(name, cls.max_retries), options.get("retry_delay", cls.retry_delay)
+    if isinstance(attempts, int) and isinstance(delay, (int, float)):  # hashable: the checked policy is shared
+        return _checked_policy(name, attempts, delay)
+    return _checked_policy.__wrapped__(name, attempts, delay)  # raises
 
 
-@functools.lru_cache(maxsize=64)
-def _shared_policy(max_attempts: int, initial_delay: float) -> RetryPolicy:
-    # A RetryPolicy is frozen: calls with the same settings share one instead of checking a new one.
-    return RetryPolicy(max_attempts=max_attempts, initial_delay=initial_delay)
+@functools.lru_cache(maxsize=64, typed=True)  # typed: True is no number of attempts, though True == 1
+def _checked_policy(name: str, attempts: Any, delay: Any) -> RetryPolicy:
+    # A RetryPolicy is frozen: calls with the same settings share one, checked once (a bad one raises, uncached).
+    return RetryPolicy(
+        max_attempts=_checks.whole(name, attempts, unit="attempts"),
+        initial_delay=_checks.seconds("retry_delay", delay),
+    )
 
 
 def _is_method(cls: type, name: str) -> bool:

@@ -56,7 +56,7 @@ def url_secrets(url: str) -> tuple[str, ...]:
 def header_secrets(headers: Mapping[str, str], secret_names: Collection[str] = ()) -> tuple[str, ...]:
     """The credential values among ``headers``; for ``Scheme token`` values (``Bearer sk-…``) the
     token, which is what a server echoes back."""
-    names = SENSITIVE_HEADERS | {n.lower() for n in secret_names}
+    names = SENSITIVE_HEADERS | {n.lower() for n in secret_names} if secret_names else SENSITIVE_HEADERS
     found: list[str] = []
     for name, value in headers.items():
         if name.lower() in names and value.strip():
@@ -107,5 +107,5 @@ def drop_secret_prefix(text: str, secrets: Iterable[str | None]) -> str:
 
 def redact_headers(headers: Mapping[str, str], secret_names: Collection[str] = ()) -> dict[str, str]:
     """A copy of ``headers`` fit for printing: credentials replaced with ``***``."""
-    names = SENSITIVE_HEADERS | {n.lower() for n in secret_names}
+    names = SENSITIVE_HEADERS | {n.lower() for n in secret_names} if secret_names else SENSITIVE_HEADERS
     return {k: (MASK if k.lower() in names else v) for k, v in headers.items()}

@@ -42,7 +42,7 @@ from .errors import (
     NetflyError,
 )
 from .messages import validate_messages
-from .provider import Provider
+from .provider import Provider, ValidatedMessages
 from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
 
 __all__ = [
@@ -358,17 +358,19 @@ class RoutedProvider(Provider):
         if not cls.providers:
             raise ConfigurationError(f"{cls.name()} has no providers")
         _refuse_shared_key(cls, kwargs.get("api_key"))
-        validate_messages(messages)  # one clear error instead of the same one per provider
+        messages = ValidatedMessages(validate_messages(messages))  # one clear error, not one per provider
         resolved = cls.get_model(model)
         if cls.provider_max_retries is not None and "max_attempts" not in kwargs:
             kwargs.setdefault("max_retries", cls.provider_max_retries)
         steps: list[tuple[type[Provider], PreparedCall | ConfigurationError]] = []
+        prepared = False
         for provider in cls.providers:
             try:
-                steps.append((provider, provider.prepare(resolved, messages, proxy, **dict(kwargs))))
+                steps.append((provider, provider.prepare(resolved, messages, proxy, **kwargs)))
+                prepared = True
             except ConfigurationError as exc:
                 steps.append((provider, exc))
-        if not any(isinstance(outcome, PreparedCall) for _, outcome in steps):
+        if not prepared:
             first = next(outcome for _, outcome in steps if isinstance(outcome, ConfigurationError))
             reasons = "; ".join(f"{p.name()}: {outcome}" for p, outcome in steps)
             raise ConfigurationError(f"{cls.name()}: no provider can take this request: {reasons}", param=first.param)
@@ -510,30 +512,56 @@ class RoutedStream(ChatStream):
     def __init__(self, router: type[RoutedProvider], plan: RoutePlan) -> None:
         self.router = router
         self._plan = plan
+        self._mirrored: ChatStream | None = None  # the served stream whose answer this one shares
         stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
         super().__init__(plan.first_call.request, stats=stats)
 
-    async def _source(self) -> AsyncGenerator[list[Item], None]:
-        stats, book = self.stats, self.router.breakers
-        self._started = started = time.monotonic()
-        errors: dict[str, BaseException] = {}
+    def _queue(self, errors: dict[str, BaseException]) -> _Queue:
+        """The providers to try, in the strategy's order, with their calls; those ruled out are skipped."""
         calls: dict[type[Provider], PreparedCall] = {}
         for provider, outcome in self._plan.steps:
             if isinstance(outcome, ConfigurationError):
                 self._skip(errors, provider.name(), outcome)
             else:
                 calls[provider] = outcome
-        queue = deque((p, calls[p]) for p in self.router.order(list(calls)))
+        return deque((p, calls[p]) for p in self.router.order(list(calls)))
+
+    def _served_by(self, winner: _Runner) -> None:
+        """``winner`` answered first: from now on its stream is this one's source."""
+        served = winner.stream
+        self.stats.provider = served.stats.provider  # for a nested router: the one that served
+        self.request = served.request
+        self.router.breakers.succeeded(winner.provider, served.stats.time_to_first_token)
+        self.at_end = served.at_end
+        if self._events_mode and len(served.stats.attempts) == 1:
+            # Read with reads(): every read handed on here is one the served stream noted already, into
+            # the very answer this one would assemble again. Share it; mirror the figures (_note_read).
+            self._accumulate(served._acc)
+            self._mirrored = served
+
+    def _note_read(self, read: list[Item]) -> None:
+        served = self._mirrored
+        if served is None:
+            super()._note_read(read)
+            return
+        stats, theirs = self.stats, served.stats
+        if stats.time_to_first_token is None and theirs.time_to_first_token is not None:
+            stats.time_to_first_token = time.monotonic() - self._started
+        stats.chunks, stats.characters = theirs.chunks, theirs.characters
+
+    async def _source(self) -> AsyncGenerator[list[Item], None]:
+        stats, book = self.stats, self.router.breakers
+        self._started = started = time.monotonic()
+        errors: dict[str, BaseException] = {}
+        queue = self._queue(errors)
         runners: list[_Runner] = []
         winner: _Runner | None = None
         try:
-            winner = await self._race(queue, runners, errors)
-            stats.provider = winner.stream.stats.provider  # for a nested router: the one that served
-            self.request = winner.stream.request
-            book.succeeded(winner.provider, winner.stream.stats.time_to_first_token)
+            hedged = self.router.hedge_after is not None
+            winner = await (self._race(queue, runners, errors) if hedged else self._one_by_one(queue, errors))
+            self._served_by(winner)
             assert winner.output is not None  # the race returns a runner that has answered
             items, ended = winner.output
-            self.at_end = winner.stream.at_end
             if items:
                 yield items
             while not ended:
@@ -549,8 +577,7 @@ class RoutedStream(ChatStream):
                     # StreamInterruptedError carrying the partial result.
                     book.failed(winner.provider, exc)
                     raise
-            result = winner.stream.result
-            self._finish(result.malformed_chunks if result is not None else 0)
+            self._adopt_result(winner.stream)
         finally:
             if runners:  # closed or cancelled during the race
                 await self._cancel(runners, "the routed stream was closed")
@@ -559,12 +586,21 @@ class RoutedStream(ChatStream):
                 self._collect(winner, None if self.result is not None else "closed before the end")
             stats.duration = time.monotonic() - started
 
+    def _adopt_result(self, served: ChatStream) -> None:
+        """The result once the serving provider's stream ended: that stream's own when it made one
+        attempt (then it assembled the very events handed on here), else assembled here."""
+        result = served.result
+        if result is None or len(served.stats.attempts) != 1:
+            self._finish(result.malformed_chunks if result is not None else 0)
+            return
+        self.result = result
+        if result.model:
+            self.stats.model = result.model
+
     async def _race(
         self, queue: _Queue, runners: list[_Runner], errors: dict[str, BaseException]
     ) -> _Runner:
-        """Race to the first output: providers fail over one by one, or overlap when hedging."""
-        if self.router.hedge_after is None:
-            return await self._one_by_one(queue, errors)
+        """Race to the first output, hedging: the next provider starts alongside after ``hedge_after``."""
         router = self.router
         while True:
             if not runners and not self._launch(queue, runners, errors, hedged=True):

@@ -20,7 +20,7 @@ import functools
 import io
 import re
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -176,6 +176,17 @@ class SessionPool:
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSessions] = (
             weakref.WeakKeyDictionary()
         )
+        self._forget_last()
+
+    def _forget_last(self) -> None:
+        # The last loop asked for and its sessions, held weakly as the dictionary holds them: nearly every
+        # call comes from the same loop, and a weak-key lookup makes a new weak reference each time.
+        self._last_loop: Callable[[], asyncio.AbstractEventLoop | None] = _nothing
+        self._last_sessions: Callable[[], _LoopSessions | None] = _nothing
+
+    def _current(self) -> _LoopSessions | None:
+        """The running loop's sessions if it was the last loop asked for."""
+        return self._last_sessions() if self._last_loop() is asyncio.get_running_loop() else None
 
     async def _loop_sessions(self) -> _LoopSessions:
         loop = asyncio.get_running_loop()
@@ -184,17 +195,18 @@ class SessionPool:
             sessions = _LoopSessions()
             self._by_loop[loop] = sessions
             await sessions.watch_loop_shutdown()
+        self._last_loop, self._last_sessions = weakref.ref(loop), weakref.ref(sessions)
         return sessions
 
     async def http1(self) -> _http1.Pool:
         """The running loop's lean keep-alive pool (direct requests)."""
-        sessions = await self._loop_sessions()
+        sessions = self._current() or await self._loop_sessions()
         if sessions.http1 is None:
             sessions.http1 = _http1.Pool()
         return sessions.http1
 
     async def session(self, proxy: Proxy | None = None) -> aiohttp.ClientSession:
-        sessions = await self._loop_sessions()
+        sessions = self._current() or await self._loop_sessions()
         key = str(proxy) + (proxy.password or "") if proxy is not None and proxy.is_socks else ""
         session = sessions.by_key.get(key)
         if session is None or session.closed:
@@ -213,6 +225,7 @@ class SessionPool:
     async def aclose(self) -> None:
         """Close the sessions of the running loop."""
         sessions = self._by_loop.pop(asyncio.get_running_loop(), None)
+        self._forget_last()
         if sessions is not None:
             await sessions.aclose()
 
@@ -249,6 +262,10 @@ class _LoopSessions:
             await http1.aclose()
         for session in sessions:
             await session.close()
+
+
+def _nothing() -> None:
+    return None
 
 
 default_pool = SessionPool()

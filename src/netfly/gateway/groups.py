@@ -38,20 +38,22 @@ class _ConfiguredProvider(Provider):
 
 
 class _Target(Provider):
-    """A group's target: knows its streams in flight, for the ``least-busy`` strategy."""
+    """A group's target: in a ``least-busy`` group, knows its streams in flight (other groups never ask)."""
 
-    open_streams: ClassVar[weakref.WeakSet[ChatStream]]
+    open_streams: ClassVar[weakref.WeakSet[ChatStream] | None] = None
 
     @classmethod
     def stream_for(cls, request: ChatRequest) -> ChatStream:
         stream = super().stream_for(request)
-        cls.open_streams.add(stream)
+        if cls.open_streams is not None:
+            cls.open_streams.add(stream)
         return stream
 
     @classmethod
     def busy(cls) -> int:
         """Streams started and not ended (a stream's ``stats.duration`` is set when it ends)."""
-        return sum(1 for stream in list(cls.open_streams) if stream.stats.duration is None)
+        streams = list(cls.open_streams) if cls.open_streams is not None else []
+        return sum(1 for stream in streams if stream.stats.duration is None)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,9 @@ def _group(name: str, spec: ModelGroupConfig, providers: Mapping[str, type[Provi
     targets = []
     for target in spec.targets:
         provider = providers[target.provider]
-        attributes: dict[str, Any] = {"label": provider.name(), "open_streams": weakref.WeakSet()}
+        attributes: dict[str, Any] = {"label": provider.name()}
+        if spec.strategy == "least-busy":
+            attributes["open_streams"] = weakref.WeakSet()
         if target.model is not None:
             attributes["default_model"] = target.model
             if provider.models and target.model not in provider.models:

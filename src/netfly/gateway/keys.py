@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._ids import unique_hex
 from ..config import KeyConfig, hash_key
@@ -31,9 +31,9 @@ MINUTE = 60.0
 LEASE_TTL = 15 * MINUTE  # a stream's slot is freed after this even if its process died holding it
 
 
-@dataclass(frozen=True)
-class Bucket:
-    """The outcome of one ``take``: whether it was allowed and the bucket's state after it."""
+class Bucket(NamedTuple):
+    """The outcome of one ``take``: whether it was allowed and the bucket's state after it
+    (a named tuple: made several times a request, which a frozen dataclass makes slowly)."""
 
     allowed: bool
     remaining: float  # what is left now
@@ -101,27 +101,34 @@ class MemoryStore(StateStore):
         self._leases: dict[str, dict[str, float]] = {}  # name -> {lease id: expiry}
         self._counters: dict[str, dict[str, int]] = {}
 
-    def _level(self, name: str, capacity: float, per_second: float) -> float:
-        level, when = self._buckets.get(name, (capacity, self._clock()))
-        return min(capacity, level + (self._clock() - when) * per_second)
+    def _level(self, name: str, capacity: float, per_second: float, now: float) -> float:
+        found = self._buckets.get(name)
+        if found is None:
+            return capacity
+        level, when = found
+        return min(capacity, level + (now - when) * per_second)
 
     async def take(self, name: str, amount: float, capacity: float, per_second: float) -> Bucket:
-        level = self._level(name, capacity, per_second)
+        now = self._clock()
+        level = self._level(name, capacity, per_second, now)
         allowed = level >= amount
         if allowed:
             level -= amount
-        self._buckets[name] = (level, self._clock())
+        self._buckets[name] = (level, now)
         return Bucket.after(allowed, level, amount, capacity, per_second)
 
     async def give(self, name: str, amount: float, capacity: float, per_second: float) -> None:
-        self._buckets[name] = (min(capacity, self._level(name, capacity, per_second) + amount), self._clock())
+        now = self._clock()
+        self._buckets[name] = (min(capacity, self._level(name, capacity, per_second, now) + amount), now)
 
     async def lease(self, name: str, limit: int, ttl: float) -> str | None:
         now = self._clock()
-        held = {lid: expiry for lid, expiry in self._leases.get(name, {}).items() if expiry > now}
-        self._leases[name] = held
-        if len(held) >= limit:
-            return None
+        held = self._leases.setdefault(name, {})
+        if len(held) >= limit:  # only then can expired leases change the answer: not swept on every lease
+            for expired in [lid for lid, expiry in held.items() if expiry <= now]:
+                del held[expired]
+            if len(held) >= limit:
+                return None
         lease_id = unique_hex()
         held[lease_id] = now + ttl
         return lease_id
@@ -226,6 +233,12 @@ async def read_limits(store: StateStore, key: ClientKey) -> dict[str, str]:
     return headers
 
 
+def limits_described(key: ClientKey, headers: Mapping[str, str]) -> bool:
+    """Whether ``headers`` hold the ``x-ratelimit-*`` headers of each limit ``key`` has."""
+    return (key.rpm is None or _HEADER_NAMES["requests"][0] in headers) and (
+        key.tpm is None or _HEADER_NAMES["tokens"][0] in headers)
+
+
 async def admit(store: StateStore, key: ClientKey, model: str, tokens: int, admission: Admission) -> None:
     """Check ``key`` may send a request for ``model`` costing about ``tokens``, and take it from its
     limits (filling ``admission``); :class:`GatewayError` 403 or :class:`LimitExceeded` when not."""
@@ -257,7 +270,10 @@ async def admit(store: StateStore, key: ClientKey, model: str, tokens: int, admi
 
 def estimate_tokens(messages: Sequence[Any], max_tokens: int | None) -> int:
     """A rough count before the answer: ~4 characters a token, plus the answer's cap when given."""
-    characters = sum(len(str(m.get("content") or "")) + 16 for m in messages if isinstance(m, dict))
+    characters = 0
+    for message in messages:  # a loop: usually one or two messages, for which a generator costs more
+        if isinstance(message, dict):
+            characters += len(str(message.get("content") or "")) + 16
     return math.ceil(characters / 4) + (max_tokens or 0)
 
 
@@ -265,11 +281,16 @@ def _name(limit: str, key: ClientKey) -> str:
     return f"{limit}:{key.name}"
 
 
+_HEADER_NAMES = {what: tuple(f"x-ratelimit-{field}-{what}" for field in ("limit", "remaining", "reset"))
+                 for what in ("requests", "tokens")}
+
+
 def _describe(headers: dict[str, str], what: str, limit: int, bucket: Bucket) -> None:
     # OpenAI's names and formats: remaining as a whole number, reset as a duration ("6m0s", "20ms").
-    headers[f"x-ratelimit-limit-{what}"] = str(limit)
-    headers[f"x-ratelimit-remaining-{what}"] = str(math.floor(bucket.remaining))
-    headers[f"x-ratelimit-reset-{what}"] = format_duration(bucket.reset)
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[what]
+    headers[limit_name] = str(limit)
+    headers[remaining_name] = str(math.floor(bucket.remaining))
+    headers[reset_name] = format_duration(bucket.reset)
 
 
 def format_duration(seconds: float) -> str:

@@ -36,6 +36,7 @@ from .keys import (
     StateStore,
     admit,
     estimate_tokens,
+    limits_described,
     read_limits,
 )
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -182,9 +183,26 @@ class Operations:
         if not self.keys or request.path in _OPEN_PATHS or pages.is_public(request):
             return await handler(request)
         record: RequestRecord = request.state[_RECORD]
-        record.key = key = self.keys.identify(request.headers)
-        record.rate_headers = await read_limits(self.store, key)
-        return await handler(request)
+        record.key = self.keys.identify(request.headers)
+        try:
+            response = await handler(request)
+        except Exception:
+            await self._read_limits(record)  # the error's answer carries them too
+            raise
+        if not limits_described(record.key, record.rate_headers):  # admitted: described already
+            await self._read_limits(record)
+        return response
+
+    async def _read_limits(self, record: RequestRecord) -> None:
+        """The ``x-ratelimit-*`` headers the admission did not write (the request was answered or refused
+        without one): read, not taken. Read here rather than before the handler, since an admitted
+        request's own are newer and would replace them."""
+        key = record.key
+        if key is None or limits_described(key, record.rate_headers):
+            return
+        headers = await read_limits(self.store, key)
+        headers.update(record.rate_headers)  # what an admission took is newer
+        record.rate_headers = headers
 
     async def _open_store(self, app: App) -> None:
         await self.store.open()

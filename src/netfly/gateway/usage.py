@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -38,6 +39,11 @@ def count_tokens(stream: ChatStream, prompt_estimate: Callable[[], int]) -> Toke
     return TokenCount(prompt_estimate(), math.ceil(len(text) / 4), estimated=True)
 
 
+@functools.lru_cache(maxsize=1024)  # asked once a request, of few keys and models
+def _counter_name(key: str, model: str) -> str:
+    return _PREFIX + json.dumps([key, model])
+
+
 class UsageBook:
     """Requests and tokens by key and model."""
 
@@ -45,7 +51,7 @@ class UsageBook:
         self.store = store
 
     async def record(self, key: str, model: str, tokens: TokenCount) -> None:
-        await self.store.add(_PREFIX + json.dumps([key, model]), {
+        await self.store.add(_counter_name(key, model), {
             "requests": 1,
             "prompt_tokens": tokens.prompt,
             "completion_tokens": tokens.completion,
