@@ -60,15 +60,18 @@ def load_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def expect_type(body: Mapping[str, Any], name: str, kind: type) -> None:
-    """400 naming ``name`` when it is present, not null and not of ``kind`` (booleans are not ints)."""
+def expect_type(body: Mapping[str, Any], name: str, kind: _Kind) -> None:
+    """400 naming ``name`` when it is present, not null and not of ``kind`` (booleans are not numbers)."""
     value = body.get(name)
     if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-        raise GatewayError(400, f"field {name!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got "
-                                f"{json_type(value)}", param=name)
+        raise GatewayError(400, f"field {name!r} must be {_KIND_NAMES[kind]}, got {json_type(value)}", param=name)
 
 
-_KIND_NAMES = {str: "a string", int: "an integer", list: "an array", dict: "an object", bool: "a boolean"}
+_Kind: TypeAlias = "type | tuple[type, ...]"
+_NUMBER = (int, float)
+_KIND_NAMES: dict[_Kind, str] = {
+    str: "a string", int: "an integer", _NUMBER: "a number", list: "an array", dict: "an object", bool: "a boolean",
+}
 
 
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
@@ -106,25 +109,20 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
 
 def _check_types(body: Mapping[str, Any]) -> None:
     for name, value in body.items():  # a request's few fields, not every known one
-        check = _FIELD_CHECKS.get(name)
-        if check is not None and value is not None and not check[1](value):
-            raise GatewayError(400, f"field {name!r} must be {check[0]}, got {json_type(value)}", param=name)
+        kind = _FIELD_KINDS.get(name)
+        if kind is not None:
+            expect_type(body, name, kind)
+        elif name in _SHAPED_FIELDS and value is not None and not _SHAPED_FIELDS[name][1](value):
+            raise GatewayError(400, f"field {name!r} must be {_SHAPED_FIELDS[name][0]}, got {json_type(value)}",
+                               param=name)
 
 
-_Check: TypeAlias = "tuple[str, Callable[[Any], bool]]"  # what a field must be, and the test of it
-
-
-def _kinds(names: tuple[str, ...], what: str, ok: Callable[[Any], bool]) -> dict[str, _Check]:
-    return dict.fromkeys(names, (what, ok))
-
-
-_FIELD_CHECKS: dict[str, _Check] = {
-    **_kinds(_NUMBERS, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    **_kinds(_INTEGERS, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    **_kinds(_BOOLEANS, "a boolean", lambda v: isinstance(v, bool)),
-    **_kinds(_STRINGS, "a string", lambda v: isinstance(v, str)),
-    **_kinds(_OBJECTS, "an object", lambda v: isinstance(v, dict)),
-    **_kinds(_ARRAYS, "an array", lambda v: isinstance(v, list)),
+_FIELD_KINDS: dict[str, _Kind] = {
+    **dict.fromkeys(_NUMBERS, _NUMBER), **dict.fromkeys(_INTEGERS, int), **dict.fromkeys(_BOOLEANS, bool),
+    **dict.fromkeys(_STRINGS, str), **dict.fromkeys(_OBJECTS, dict), **dict.fromkeys(_ARRAYS, list),
+}
+# Fields of more than one shape: what they must be, and the test of it.
+_SHAPED_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "stop": ("a string or an array of strings",
              lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))),
     "tool_choice": ("a string or an object", lambda v: isinstance(v, (str, dict))),
