@@ -542,7 +542,7 @@ async def open_stream(
     client failure its :class:`TransportError`. ``remaining`` bounds this request's total time.
     """
     fail = _Failure(target, proxy, timeout, secrets)
-    route = _lean_route(url) if proxy is None and _plain_headers(headers) else None
+    route = _lean_route(url) if proxy is None and _plain_headers(tuple(headers.items())) else None
     try:
         if route is not None:
             response = await _open_lean(route, payload, headers, timeout, remaining, pool, fail)
@@ -611,12 +611,11 @@ def _lean_route(url: str) -> _Route | None:
     return _Route((scheme, parts.hostname, port or default_port), target, host_header)
 
 
-def _plain_headers(headers: Mapping[str, str]) -> bool:
+@functools.lru_cache(maxsize=64)  # a provider sends the same headers every time: checked once
+def _plain_headers(headers: tuple[tuple[str, str], ...]) -> bool:
     # aiohttp refuses a header with a line break in it (ValueError): leave those to it, unchanged. A
     # caller's own Accept-Encoding may ask for brotli, which only aiohttp decodes.
-    return not any("\n" in value or "\r" in value for value in headers.values()) and not any(
-        name.lower() == "accept-encoding" for name in headers
-    )
+    return not any("\n" in value or "\r" in value or name.lower() == "accept-encoding" for name, value in headers)
 
 
 async def _open_lean(

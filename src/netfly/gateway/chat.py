@@ -30,23 +30,28 @@ class ChatChunkEncoder:
         self.include_usage = include_usage
         self.meta = ChunkMeta(id=f"chatcmpl-{_ids.unique_hex()}", created=int(time.time()))
         self._usage_sent = False
-        self._head: dict[str, Any] = {}
+        # Built when a chunk is first encoded: the upstream's first chunk usually brings its own meta.
+        self._head: dict[str, Any] | None = None
         self._text_prefix: bytes | None = None  # built when the first text chunk is encoded
         self._text_suffix = b""
-        self._set_meta(self.meta)
 
-    def _set_meta(self, meta: ChunkMeta) -> None:
-        head: dict[str, Any] = {**meta.extra, "id": meta.id, "object": "chat.completion.chunk",
-                                "created": meta.created, "model": self.model}
-        if meta.system_fingerprint is not None:
-            head["system_fingerprint"] = meta.system_fingerprint
-        self._head = head
-        self._text_prefix = None
+    def _chunk_head(self) -> dict[str, Any]:
+        """The fields every chunk of the answer starts with."""
+        head = self._head
+        if head is None:
+            meta = self.meta
+            head = {**meta.extra, "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                    "model": self.model}
+            if meta.system_fingerprint is not None:
+                head["system_fingerprint"] = meta.system_fingerprint
+            self._head = head
+        return head
 
     def _text_template(self) -> bytes:
         """The bytes before a chunk's text when it carries choice 0's text alone (and sets those after)."""
-        sample = _json.dumps({**self._head, "choices": [{"index": 0, "delta": {"content": ""}, "logprobs": None,
-                                                         "finish_reason": None}], **self._null_usage()})
+        sample = _json.dumps({**self._chunk_head(), "choices": [{"index": 0, "delta": {"content": ""},
+                                                                 "logprobs": None, "finish_reason": None}],
+                              **self._null_usage()})
         prefix, _, suffix = sample.partition(b'"content":""')
         self._text_prefix, self._text_suffix = b"data: " + prefix + b'"content":', suffix + b"\n\n"
         return self._text_prefix
@@ -71,7 +76,7 @@ class ChatChunkEncoder:
             system_fingerprint=event.system_fingerprint or self.meta.system_fingerprint,
             extra={**self.meta.extra, **event.extra},
         )
-        self._set_meta(self.meta)
+        self._head = self._text_prefix = None
         return b""
 
     def encode_texts(self, texts: list[str]) -> bytes:
@@ -79,7 +84,7 @@ class ChatChunkEncoder:
         return _json.strings_between(self._text_prefix or self._text_template(), texts, self._text_suffix)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        obj = {**self._head, "choices": choices}
+        obj = {**self._chunk_head(), "choices": choices}
         if self.include_usage:
             obj["usage"] = usage
         return sse_event(obj)
