@@ -349,17 +349,10 @@ class ChatStream:
         self, interpreter: ChunkInterpreter, deadline: float | None
     ) -> AsyncGenerator[list[Item], None]:
         request = self.request
-        remaining = None
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NetflyTimeoutError(
-                    f"{request.provider}: total timeout of {request.timeout.total} s exceeded", "total"
-                )
         response = await open_stream(
             request.url, request.payload or _json.dumps(request.body), request.headers,
-            target=request.provider, timeout=request.timeout, remaining=remaining, proxy=request.proxy,
-            secrets=request.secrets, pool=self._pool,
+            target=request.provider, timeout=request.timeout, remaining=_remaining(request, deadline),
+            proxy=request.proxy, secrets=request.secrets, pool=self._pool,
         )
         try:
             content_type = response.content_type
@@ -367,11 +360,7 @@ class ChatStream:
                 yield [await self._whole_answer(response, interpreter)]
                 return
             if content_type == "text/html":
-                snippet = (await response.read(2048)).decode("utf-8", "replace")
-                raise UpstreamError(
-                    f"{request.provider}: expected an event stream, got an HTML page: "
-                    f"{clip(snippet, 200, request.secrets)!r}"
-                )
+                raise await _html_page_error(request, response)
             decoder = SSEDecoder(request.max_line_bytes, request.max_event_bytes)
             first = True
             async for raw in response:
@@ -383,15 +372,9 @@ class ChatStream:
                 if interpreter.done:
                     break
             else:
-                items = []
-                interpreter.interpret_events(decoder.flush(), items)
+                items = _interpreted_end(request, interpreter, decoder)
                 if items:
                     yield items
-                if not interpreter.done and not interpreter.finished:
-                    logger.warning(
-                        "%s: stream ended without [DONE] or finish_reason; the answer may be incomplete",
-                        request.provider,
-                    )
             await response.drain()
         finally:
             response.release()
@@ -403,6 +386,34 @@ class ChatStream:
         except _json.JSONDecodeError as exc:
             raise StreamDecodeError(f"{self.request.provider}: invalid JSON reply: {exc}") from None
         return interpreter.interpret_completion(parsed)
+
+
+def _remaining(request: ChatRequest, deadline: float | None) -> float | None:
+    """Seconds left of the call's total timeout (``None``: no limit); raises when none are left."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise NetflyTimeoutError(f"{request.provider}: total timeout of {request.timeout.total} s exceeded", "total")
+    return remaining
+
+
+async def _html_page_error(request: ChatRequest, response: StreamingResponse) -> UpstreamError:
+    snippet = (await response.read(2048)).decode("utf-8", "replace")
+    return UpstreamError(
+        f"{request.provider}: expected an event stream, got an HTML page: {clip(snippet, 200, request.secrets)!r}"
+    )
+
+
+def _interpreted_end(request: ChatRequest, interpreter: ChunkInterpreter, decoder: SSEDecoder) -> list[Item]:
+    """The items of an event the body ended in without its blank line; a warning when the answer has no end."""
+    items: list[Item] = []
+    interpreter.interpret_events(decoder.flush(), items)
+    if not interpreter.done and not interpreter.finished:
+        logger.warning(
+            "%s: stream ended without [DONE] or finish_reason; the answer may be incomplete", request.provider
+        )
+    return items
 
 
 def _interpreted(interpreter: ChunkInterpreter, decoder: SSEDecoder, raw: bytes, first: bool) -> Iterator[list[Item]]:

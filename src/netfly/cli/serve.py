@@ -22,6 +22,7 @@ from ..gateway.operations import Operations
 from ..gateway.redisstore import DEFAULT_STATE_TIMEOUT
 from ..gateway.relay import DEFAULT_KEEPALIVE
 from ..gateway.server import DEFAULT_SHUTDOWN_GRACE
+from ..gateway.web import App
 from ..provider import Provider
 from ..providers import provider_names
 from ._providers import PROVIDER_ENV, resolve_provider
@@ -109,19 +110,10 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_SHUTDOWN_GRACE:g})")
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
-    # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
-    operations, settings = operations_from_args(args)
-    chosen = _chosen_providers(args, operations)
-    token = args.auth_token or (None if operations.keys else os.environ.get(TOKEN_ENV)) or None
-    args.host, args.port = settings.host, settings.port
-    if not 0 <= args.shutdown_grace < float("inf"):
-        raise ConfigurationError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace!r}")
-    if args.workers != 1:
-        _check_workers(args, operations)
-        return Supervisor(worker_argv(args.argv), args.workers, args.shutdown_grace).run()
-    app = create_app(
+def _app(args: argparse.Namespace, chosen: list[type[Provider] | None], operations: Operations,
+         token: str | None) -> App:
+    """The gateway app of the command line's settings."""
+    return create_app(
         chosen[0],
         providers={provider.name(): provider for provider in chosen if provider is not None},
         operations=operations,
@@ -135,6 +127,21 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         proxy=args.proxy,
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``netfly serve``; returns the exit code (0 after Ctrl-C or SIGTERM)."""
+    # The --url provider keeps the name OpenAICompatible, so "OpenAICompatible/model" reaches it.
+    operations, settings = operations_from_args(args)
+    chosen = _chosen_providers(args, operations)
+    token = args.auth_token or (None if operations.keys else os.environ.get(TOKEN_ENV)) or None
+    args.host, args.port = settings.host, settings.port
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise ConfigurationError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace!r}")
+    if args.workers != 1:
+        _check_workers(args, operations)
+        return Supervisor(worker_argv(args.argv), args.workers, args.shutdown_grace).run()
+    app = _app(args, chosen, operations, token)
     limits = ConnectionLimits(
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, max_connections=args.max_connections,
