@@ -564,20 +564,20 @@ class RoutedStream(ChatStream):
             items, ended = winner.output
             if items:
                 yield items
-            while not ended:
+            served = winner.stream
+            if not ended:
                 try:
-                    read = await winner.stream._next_noted()
-                    self.at_end = winner.stream.at_end
-                    yield read
-                except StopAsyncIteration:
-                    ended = True
+                    async for read in served._items:  # its reads as they come, noted there too
+                        served._note_read(read)
+                        self.at_end = served.at_end
+                        yield read
                 except NetflyError as exc:
                     # Output reached the caller: switching now would mix two answers. The provider's
                     # error is raised as it is, as for a single provider: a cut stream is already a
                     # StreamInterruptedError carrying the partial result.
                     book.failed(winner.provider, exc)
                     raise
-            self._adopt_result(winner.stream)
+            self._adopt_result(served)
         finally:
             if runners:  # closed or cancelled during the race
                 await self._cancel(runners, "the routed stream was closed")
