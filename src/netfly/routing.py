@@ -41,6 +41,7 @@ from .errors import (
     ModelNotSupportedError,
     NetflyError,
 )
+from .events import ChatAccumulator
 from .messages import validate_messages
 from .provider import Provider, ValidatedMessages
 from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
@@ -513,8 +514,12 @@ class RoutedStream(ChatStream):
         self.router = router
         self._plan = plan
         self._mirrored: ChatStream | None = None  # the served stream whose answer this one shares
-        stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
-        super().__init__(plan.first_call.request, stats=stats)
+        name = router.name()
+        self._set_up(plan.first_call.request, RoutedStreamStats(name, plan.model or None, router=name), None)
+        # Nothing to assemble until a provider serves, and then often that provider's own assembly
+        # to share (see _served_by): no accumulator of its own before.
+        self._parts: list[str] = []
+        self._joined = 0
 
     def _queue(self, errors: dict[str, BaseException]) -> _Queue:
         """The providers to try, in the strategy's order, with their calls; those ruled out are skipped."""
@@ -538,6 +543,8 @@ class RoutedStream(ChatStream):
             # the very answer this one would assemble again. Share it; mirror the figures (_note_read).
             self._accumulate(served._acc)
             self._mirrored = served
+        else:
+            self._accumulate(ChatAccumulator())
 
     def _note_read(self, read: list[Item]) -> None:
         served = self._mirrored

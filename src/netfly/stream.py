@@ -116,8 +116,13 @@ class ChatStream:
     def __init__(
         self, request: ChatRequest, pool: SessionPool | None = None, *, stats: StreamStats | None = None
     ) -> None:
+        self._set_up(request, stats or StreamStats(request.provider, request.body.get("model")), pool)
+        self._accumulate(ChatAccumulator())
+
+    def _set_up(self, request: ChatRequest, stats: StreamStats, pool: SessionPool | None) -> None:
+        """Everything of a new stream but the assembly of its result (see :meth:`_accumulate`)."""
         self.request = request
-        self.stats = stats or StreamStats(provider=request.provider, model=request.body.get("model"))
+        self.stats = stats
         self.result: ChatResult | None = None
         # The upstream's answer is all in, its body ended too: the read being handed on is the last,
         # and the stream ends as soon as it is asked for the next (a relay sends it with the end).
@@ -125,7 +130,6 @@ class ChatStream:
         self._pool = pool
         self._started = 0.0  # monotonic time the source started; set by the source
         self._events_mode = False
-        self._accumulate(ChatAccumulator())
         self._items = self._source()  # one list of items per upstream read
         self._next_read = self._items.__anext__
         self._pending: Iterator[Item] = iter(())  # what text iteration has not returned of the last read

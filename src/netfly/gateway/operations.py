@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -72,11 +71,14 @@ class RequestRecord:
     messages: Sequence[Any] = ()
     tokens: TokenCount | None = None
     status: int = 500
+    _prompt_tokens: int | None = field(default=None, repr=False)
 
-    @functools.cached_property
     def prompt_estimate(self) -> int:
-        """The prompt's tokens, estimated: needed only for a key's TPM or when the upstream sends no usage."""
-        return estimate_tokens(self.messages, None)
+        """The prompt's tokens, estimated once: needed only for a key's TPM or when the upstream sends no
+        usage (a method, not a cached property: that one takes a lock each request)."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = estimate_tokens(self.messages, None)
+        return self._prompt_tokens
 
 
 _RECORD = "netfly.record"  # request.state[_RECORD]: the request's RequestRecord
@@ -225,7 +227,7 @@ class Operations:
         record.admission = admission = Admission(record.key, self.store)
         cap = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
         try:
-            await admit(self.store, record.key, model, record.prompt_estimate + (cap or 0), admission)
+            await admit(self.store, record.key, model, record.prompt_estimate() + (cap or 0), admission)
         except LimitExceeded as exc:
             self.metrics.rate_limited.labels(record.key.name, exc.limit).inc()
             raise
@@ -259,7 +261,7 @@ class Operations:
         if stream is None:
             return
         label = self.metrics.model_label(record.model or "")
-        record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
+        record.tokens = tokens = count_tokens(stream, record.prompt_estimate)
         self.metrics.in_flight.labels(label).dec()
         self.metrics.observe_stream(label, stream.stats)
         self.metrics.tokens.labels(label, "prompt").observe(tokens.prompt)
