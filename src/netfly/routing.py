@@ -266,7 +266,10 @@ class RoutePlan:
 
     @property
     def first_call(self) -> PreparedCall:
-        return next(outcome for _, outcome in self.steps if isinstance(outcome, PreparedCall))
+        for _, outcome in self.steps:  # a loop: asked once a call, for which a generator costs more
+            if isinstance(outcome, PreparedCall):
+                return outcome
+        raise ValueError("a plan without a prepared call")  # plan() never makes one
 
 
 class RoutedProvider(Provider):

@@ -173,15 +173,31 @@ class ChatStream:
         plain chunk, nearly every one of a long answer) or a list of events (see
         :func:`netfly.chunks.as_events`). The cheapest way to relay a stream: a run of texts can be
         encoded at once."""
-        if self._events_mode or self._started:
-            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
-        self._events_mode = True
+        items = self._read_for_events()
         try:
-            async for read in self._items:
+            async for read in items:
                 self._note_read(read)
                 yield read
         finally:
             await self.aclose()
+
+    async def collect(self) -> ChatResult:
+        """Read the whole answer and return its :attr:`result`: :meth:`reads` with nothing handed on,
+        the cheapest way to wait for a whole answer."""
+        items = self._read_for_events()
+        try:
+            async for read in items:
+                self._note_read(read)
+        finally:
+            await self.aclose()
+        assert self.result is not None  # set by every source that ends without an error
+        return self.result
+
+    def _read_for_events(self) -> AsyncGenerator[list[Item], None]:
+        if self._events_mode or self._started:
+            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
+        self._events_mode = True
+        return self._items
 
     async def aclose(self) -> None:
         await self._items.aclose()

@@ -275,10 +275,7 @@ class Gateway:
             async with stream:
                 if call.stream:
                     return await self._relay(request, stream, encoder)
-                async for _ in stream.reads():
-                    pass  # the stream assembles its own result
-                assert stream.result is not None
-                return json_response(whole(stream.result))
+                return json_response(whole(await stream.collect()))
         finally:
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
