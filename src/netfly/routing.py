@@ -728,13 +728,9 @@ class RoutedStream(ChatStream):
                 error, duration = unfinished, time.monotonic() - runner.started
             if error is None and record.number == 0:
                 continue  # the stream never started and nothing is to be said about it
-            attempts.append(RoutedAttempt(
-                number=len(attempts) + 1,
-                error=error,
-                status=record.status,
-                duration=duration,
-                provider=getattr(record, "provider", "") or runner.name,
-            ))
+            provider = getattr(record, "provider", "") or runner.name
+            # number, error, status, duration, provider: by position (a class called with keywords packs them)
+            attempts.append(RoutedAttempt(len(attempts) + 1, error, record.status, duration, provider))
 
 
 def _first_output_error(task: asyncio.Task[tuple[list[Item], bool]]) -> NetflyError | None:
