@@ -330,11 +330,11 @@ class ChunkInterpreter:
 
 def _chunk_meta(top: dict[str, Any]) -> ChunkMeta:
     created = top.get("created")
-    meta = ChunkMeta(
-        id=_str_or_none(top.get("id")),
-        model=_str_or_none(top.get("model")),
-        created=created if isinstance(created, int) and not isinstance(created, bool) else None,
-        system_fingerprint=_str_or_none(top.get("system_fingerprint")),
+    meta = ChunkMeta(  # by position, in the fields' order (a class called with keywords packs them in a dict)
+        _str_or_none(top.get("id")),
+        _str_or_none(top.get("model")),
+        created if isinstance(created, int) and not isinstance(created, bool) else None,
+        _str_or_none(top.get("system_fingerprint")),
     )
     if not top.keys() <= _NOT_EXTRA_TOP:
         meta.extra = {k: v for k, v in top.items() if k not in _NOT_EXTRA_TOP}

@@ -283,12 +283,12 @@ class _ChoiceParts:
 
 
 def _merge_meta(old: ChunkMeta, new: ChunkMeta) -> ChunkMeta:
-    return ChunkMeta(
-        id=old.id or new.id,
-        model=old.model or new.model,
-        created=old.created if old.created is not None else new.created,
-        system_fingerprint=new.system_fingerprint or old.system_fingerprint,
-        extra={**old.extra, **new.extra} if new.extra else old.extra,
+    return ChunkMeta(  # id, model, created, system_fingerprint, extra: by position (see chunks._chunk_meta)
+        old.id or new.id,
+        old.model or new.model,
+        old.created if old.created is not None else new.created,
+        new.system_fingerprint or old.system_fingerprint,
+        {**old.extra, **new.extra} if new.extra else old.extra,
     )
 
 
