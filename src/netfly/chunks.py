@@ -359,9 +359,11 @@ def _choice_delta(choice: Any, key: str) -> ChoiceDelta | None:
     calls = _tool_call_deltas(delta.get("tool_calls"))
     if calls is None:
         return None
+    # index, text, role, reasoning, reasoning_field, tool_calls, refusal, logprobs, finish_reason: by position
+    # (a class called with keywords packs them in a dict)
     result = ChoiceDelta(
-        index=index, text=content, role=role, reasoning=reasoning, reasoning_field=field, tool_calls=calls,
-        refusal=refusal, logprobs=choice.get("logprobs"), finish_reason=_str_or_none(choice.get("finish_reason")),
+        index, content, role, reasoning, field, calls, refusal, choice.get("logprobs"),
+        _str_or_none(choice.get("finish_reason")),
     )
     if not delta.keys() <= _DELTA_KEYS:
         result.delta_extra = {k: v for k, v in delta.items() if k not in _DELTA_KEYS}
