@@ -293,11 +293,11 @@ class Connection(asyncio.Protocol):
                              and not self.listener.closing and (length is not None or chunked)
                              and not (self._stopped and not self._queue))
         status = response.status
-        fields = [f"{name}: {value}\r\n" for name, value in response.headers.items()]
-        block = "".join(fields)
-        if block.count("\n") != len(fields) or block.count("\r") != len(fields):  # two passes in C, not four a field
-            _refuse_line_breaks(response)
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n", block]
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
+        for name, value in response.headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"a line break in the value of response header {name!r}")
+            lines.append(f"{name}: {value}\r\n")
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
         elif chunked:
@@ -489,12 +489,6 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             transport.abort() if abort else transport.close()
-
-
-def _refuse_line_breaks(response: StreamResponse) -> None:
-    for name, value in response.headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"a line break in the value of response header {name!r}")
 
 
 class _DateLine:
