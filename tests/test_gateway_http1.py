@@ -16,6 +16,7 @@ from netfly import OpenAICompatible
 from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.connections import ConnectionLimits
 from netfly.gateway.server import Runner
+from netfly.gateway.web import Request, Response
 
 from .conftest import ScriptedServer, answer, chunk, sse, stream_bytes
 
@@ -220,6 +221,27 @@ async def test_head_gets_the_head_of_get_without_a_body(launch: Launch) -> None:
     writer.write(_get(b"/v1/chat/completions", method=b"HEAD"))
     assert (await _response(reader, method="HEAD"))[0] == 405
     writer.close()
+
+
+async def test_a_response_header_with_a_line_break_is_never_sent(
+    scripted: Scripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = await scripted(_replying(answer("Hello ", "there.")))
+    app = create_app(upstream.provider(OpenAICompatible))
+
+    async def forged(request: Request) -> Response:  # a bug that would let a value add a header of its own
+        return Response(b"{}", headers={"X-Fine": "yes", "X-Note": "a\r\nSet-Cookie: forged=1"})
+
+    app.add_get("/forged", forged)
+    runner = await start(app, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+        writer.write(_get(b"/forged"))
+        assert await asyncio.wait_for(reader.read(-1), 5) == b""  # nothing, the connection closed
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert "a line break in the value of response header 'X-Note'" in caplog.text
 
 
 # -- malformed and oversized requests ---------------------------------------------------------------

@@ -192,6 +192,13 @@ def test_log_field_escapes(text: str, shown: str) -> None:
     assert log_field(text) == shown
 
 
+def test_log_field_escapes_every_ascii_character_that_needs_it_and_only_those() -> None:
+    for code in range(128):
+        char = chr(code)
+        shown = "\\\\" if char == "\\" else char if " " <= char <= "~" else f"\\x{code:02x}"
+        assert log_field(f"a{char}b") == f"a{shown}b", repr(char)
+
+
 def test_log_field_cuts_and_says_how_much() -> None:
     assert log_field("abcdef", 6) == "abcdef"
     assert log_field("abcdefg", 6) == "abcdef...[1 more chars]"

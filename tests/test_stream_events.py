@@ -361,6 +361,28 @@ async def test_a_routed_cut_inside_a_tool_call_is_not_sent_to_another_provider(s
     assert good.requests == []
 
 
+async def test_collect_reads_the_whole_answer_as_reads_would_plain_and_routed(
+    scripted: Start, free_port: int
+) -> None:
+    server = await scripted(served(sse(*EVERY_KIND)), served(sse(*EVERY_KIND)), served(sse(*EVERY_KIND)))
+    provider = server.provider(OpenAICompatible)
+    down = OpenAICompatible.configure(url=f"http://127.0.0.1:{free_port}", name="Down", max_retries=1)
+    for make in (provider, RetryProvider([down, provider], max_retries=1)):
+        read = make.stream("", MESSAGES)
+        async for _ in read.reads():
+            pass
+        collected = make.stream("", MESSAGES)
+        result = await collected.collect()
+        assert result is collected.result and result == read.result
+        assert (result.text, result.choices[1].refusal) == ("Hello", "No.")
+        assert (collected.stats.chunks, collected.stats.characters) == (read.stats.chunks, read.stats.characters) == (
+            7, len("HelloBye"))
+        assert collected.stats.provider == read.stats.provider
+        assert [a.error is None for a in collected.stats.attempts] == [a.error is None for a in read.stats.attempts]
+        with pytest.raises(RuntimeError, match="iterated once"):
+            await collected.collect()
+
+
 # -- batches: the events of each upstream read together -------------------------------------------------
 
 

@@ -330,11 +330,11 @@ class ChunkInterpreter:
 
 def _chunk_meta(top: dict[str, Any]) -> ChunkMeta:
     created = top.get("created")
-    meta = ChunkMeta(
-        id=_str_or_none(top.get("id")),
-        model=_str_or_none(top.get("model")),
-        created=created if isinstance(created, int) and not isinstance(created, bool) else None,
-        system_fingerprint=_str_or_none(top.get("system_fingerprint")),
+    meta = ChunkMeta(  # by position, in the fields' order (a class called with keywords packs them in a dict)
+        _str_or_none(top.get("id")),
+        _str_or_none(top.get("model")),
+        created if isinstance(created, int) and not isinstance(created, bool) else None,
+        _str_or_none(top.get("system_fingerprint")),
     )
     if not top.keys() <= _NOT_EXTRA_TOP:
         meta.extra = {k: v for k, v in top.items() if k not in _NOT_EXTRA_TOP}
@@ -359,9 +359,11 @@ def _choice_delta(choice: Any, key: str) -> ChoiceDelta | None:
     calls = _tool_call_deltas(delta.get("tool_calls"))
     if calls is None:
         return None
+    # index, text, role, reasoning, reasoning_field, tool_calls, refusal, logprobs, finish_reason: by position
+    # (a class called with keywords packs them in a dict)
     result = ChoiceDelta(
-        index=index, text=content, role=role, reasoning=reasoning, reasoning_field=field, tool_calls=calls,
-        refusal=refusal, logprobs=choice.get("logprobs"), finish_reason=_str_or_none(choice.get("finish_reason")),
+        index, content, role, reasoning, field, calls, refusal, choice.get("logprobs"),
+        _str_or_none(choice.get("finish_reason")),
     )
     if not delta.keys() <= _DELTA_KEYS:
         result.delta_extra = {k: v for k, v in delta.items() if k not in _DELTA_KEYS}

@@ -41,6 +41,7 @@ from .errors import (
     ModelNotSupportedError,
     NetflyError,
 )
+from .events import ChatAccumulator
 from .messages import validate_messages
 from .provider import Provider, ValidatedMessages
 from .stream import AttemptRecord, ChatRequest, ChatStream, PreparedCall, StreamStats
@@ -265,7 +266,10 @@ class RoutePlan:
 
     @property
     def first_call(self) -> PreparedCall:
-        return next(outcome for _, outcome in self.steps if isinstance(outcome, PreparedCall))
+        for _, outcome in self.steps:  # a loop: asked once a call, for which a generator costs more
+            if isinstance(outcome, PreparedCall):
+                return outcome
+        raise ValueError("a plan without a prepared call")  # plan() never makes one
 
 
 class RoutedProvider(Provider):
@@ -513,8 +517,12 @@ class RoutedStream(ChatStream):
         self.router = router
         self._plan = plan
         self._mirrored: ChatStream | None = None  # the served stream whose answer this one shares
-        stats = RoutedStreamStats(provider=router.name(), router=router.name(), model=plan.model or None)
-        super().__init__(plan.first_call.request, stats=stats)
+        name = router.name()
+        self._set_up(plan.first_call.request, RoutedStreamStats(name, plan.model or None, router=name), None)
+        # Nothing to assemble until a provider serves, and then often that provider's own assembly
+        # to share (see _served_by): no accumulator of its own before.
+        self._parts: list[str] = []
+        self._joined = 0
 
     def _queue(self, errors: dict[str, BaseException]) -> _Queue:
         """The providers to try, in the strategy's order, with their calls; those ruled out are skipped."""
@@ -538,6 +546,8 @@ class RoutedStream(ChatStream):
             # the very answer this one would assemble again. Share it; mirror the figures (_note_read).
             self._accumulate(served._acc)
             self._mirrored = served
+        else:
+            self._accumulate(ChatAccumulator())
 
     def _note_read(self, read: list[Item]) -> None:
         served = self._mirrored
@@ -564,20 +574,20 @@ class RoutedStream(ChatStream):
             items, ended = winner.output
             if items:
                 yield items
-            while not ended:
+            served = winner.stream
+            if not ended:
                 try:
-                    read = await winner.stream._next_noted()
-                    self.at_end = winner.stream.at_end
-                    yield read
-                except StopAsyncIteration:
-                    ended = True
+                    async for read in served._items:  # its reads as they come, noted there too
+                        served._note_read(read)
+                        self.at_end = served.at_end
+                        yield read
                 except NetflyError as exc:
                     # Output reached the caller: switching now would mix two answers. The provider's
                     # error is raised as it is, as for a single provider: a cut stream is already a
                     # StreamInterruptedError carrying the partial result.
                     book.failed(winner.provider, exc)
                     raise
-            self._adopt_result(winner.stream)
+            self._adopt_result(served)
         finally:
             if runners:  # closed or cancelled during the race
                 await self._cancel(runners, "the routed stream was closed")
@@ -718,13 +728,9 @@ class RoutedStream(ChatStream):
                 error, duration = unfinished, time.monotonic() - runner.started
             if error is None and record.number == 0:
                 continue  # the stream never started and nothing is to be said about it
-            attempts.append(RoutedAttempt(
-                number=len(attempts) + 1,
-                error=error,
-                status=record.status,
-                duration=duration,
-                provider=getattr(record, "provider", "") or runner.name,
-            ))
+            provider = getattr(record, "provider", "") or runner.name
+            # number, error, status, duration, provider: by position (a class called with keywords packs them)
+            attempts.append(RoutedAttempt(len(attempts) + 1, error, record.status, duration, provider))
 
 
 def _first_output_error(task: asyncio.Task[tuple[list[Item], bool]]) -> NetflyError | None:

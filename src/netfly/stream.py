@@ -116,8 +116,13 @@ class ChatStream:
     def __init__(
         self, request: ChatRequest, pool: SessionPool | None = None, *, stats: StreamStats | None = None
     ) -> None:
+        self._set_up(request, stats or StreamStats(request.provider, request.body.get("model")), pool)
+        self._accumulate(ChatAccumulator())
+
+    def _set_up(self, request: ChatRequest, stats: StreamStats, pool: SessionPool | None) -> None:
+        """Everything of a new stream but the assembly of its result (see :meth:`_accumulate`)."""
         self.request = request
-        self.stats = stats or StreamStats(provider=request.provider, model=request.body.get("model"))
+        self.stats = stats
         self.result: ChatResult | None = None
         # The upstream's answer is all in, its body ended too: the read being handed on is the last,
         # and the stream ends as soon as it is asked for the next (a relay sends it with the end).
@@ -125,7 +130,6 @@ class ChatStream:
         self._pool = pool
         self._started = 0.0  # monotonic time the source started; set by the source
         self._events_mode = False
-        self._accumulate(ChatAccumulator())
         self._items = self._source()  # one list of items per upstream read
         self._next_read = self._items.__anext__
         self._pending: Iterator[Item] = iter(())  # what text iteration has not returned of the last read
@@ -169,15 +173,31 @@ class ChatStream:
         plain chunk, nearly every one of a long answer) or a list of events (see
         :func:`netfly.chunks.as_events`). The cheapest way to relay a stream: a run of texts can be
         encoded at once."""
-        if self._events_mode or self._started:
-            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
-        self._events_mode = True
+        items = self._read_for_events()
         try:
-            async for read in self._items:
+            async for read in items:
                 self._note_read(read)
                 yield read
         finally:
             await self.aclose()
+
+    async def collect(self) -> ChatResult:
+        """Read the whole answer and return its :attr:`result`: :meth:`reads` with nothing handed on,
+        the cheapest way to wait for a whole answer."""
+        items = self._read_for_events()
+        try:
+            async for read in items:
+                self._note_read(read)
+        finally:
+            await self.aclose()
+        assert self.result is not None  # set by every source that ends without an error
+        return self.result
+
+    def _read_for_events(self) -> AsyncGenerator[list[Item], None]:
+        if self._events_mode or self._started:
+            raise RuntimeError("a stream is iterated once: for text or for events(), not both")
+        self._events_mode = True
+        return self._items
 
     async def aclose(self) -> None:
         await self._items.aclose()
@@ -300,12 +320,15 @@ class ChatStream:
                 attempt_started = time.monotonic()
                 logger.debug("%s: attempt %d: %r", request.provider, attempt, request)
                 interpreter = ChunkInterpreter(strict=request.strict, secrets=request.secrets)
+                reads = self._attempt(interpreter, deadline)
                 try:
-                    # aclosing: leaving early closes the attempt (and its connection) right here,
-                    # not whenever the garbage collector gets to it.
-                    async with aclosing(self._attempt(interpreter, deadline)) as reads:
+                    try:
                         async for read in reads:
                             yield read
+                    finally:
+                        # Leaving early closes the attempt (and its connection) right here, not whenever
+                        # the garbage collector gets to it (aclosing() would do it too, at twice the cost).
+                        await reads.aclose()
                 except NetflyError as exc:
                     error = await self._explain(_scrub_error(exc, request.secrets))
                 else:

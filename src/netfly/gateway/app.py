@@ -272,14 +272,11 @@ class Gateway:
         pages.watch(request, self.status, stream)
         self.operations.watch(request, stream)
         try:
-            async with stream:
-                if call.stream:
-                    return await self._relay(request, stream, encoder)
-                async for _ in stream.reads():
-                    pass  # the stream assembles its own result
-                assert stream.result is not None
-                return json_response(whole(stream.result))
+            if call.stream:
+                return await self._relay(request, stream, encoder)
+            return json_response(whole(await stream.collect()))
         finally:
+            await stream.aclose()  # what ``async with stream`` does, without its two coroutines
             self.status.finished(stream)
             _note(summarize_stats(stream.stats))
 
@@ -288,7 +285,7 @@ class Gateway:
         try:
             await relay(channel, stream.reads(), encoder, lambda: stream.at_end)
         except ConnectionResetError:
-            # The client went away; leaving closes the upstream stream (``async with`` in the caller).
+            # The client went away; leaving closes the upstream stream (the caller's ``finally``).
             _note("client disconnected")
         except Exception as exc:  # NetflyError after the head was sent, or a bug: tell the client in-band
             if not channel.started:

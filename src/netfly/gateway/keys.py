@@ -13,6 +13,7 @@ request is charged an estimate before it is sent and corrected by the real usage
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +162,11 @@ class ClientKey:
         models = frozenset(spec.models) if spec.models is not None else None
         return cls(name, models, spec.rpm, spec.tpm, spec.max_streams, spec.admin)
 
+    @functools.cached_property
+    def state_names(self) -> dict[str, str]:
+        """The names of its limits in the state store, by limit (asked for several times a request)."""
+        return {limit: f"{limit}:{self.name}" for limit in ("streams", "rpm", "tpm")}
+
 
 class KeyRing:
     """The configured keys, found by the SHA-256 of what a client presents."""
@@ -278,7 +284,7 @@ def estimate_tokens(messages: Sequence[Any], max_tokens: int | None) -> int:
 
 
 def _name(limit: str, key: ClientKey) -> str:
-    return f"{limit}:{key.name}"
+    return key.state_names[limit]
 
 
 _HEADER_NAMES = {what: tuple(f"x-ratelimit-{field}-{what}" for field in ("limit", "remaining", "reset"))

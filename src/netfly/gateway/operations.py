@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -72,11 +71,14 @@ class RequestRecord:
     messages: Sequence[Any] = ()
     tokens: TokenCount | None = None
     status: int = 500
+    _prompt_tokens: int | None = field(default=None, repr=False)
 
-    @functools.cached_property
     def prompt_estimate(self) -> int:
-        """The prompt's tokens, estimated: needed only for a key's TPM or when the upstream sends no usage."""
-        return estimate_tokens(self.messages, None)
+        """The prompt's tokens, estimated once: needed only for a key's TPM or when the upstream sends no
+        usage (a method, not a cached property: that one takes a lock each request)."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = estimate_tokens(self.messages, None)
+        return self._prompt_tokens
 
 
 _RECORD = "netfly.record"  # request.state[_RECORD]: the request's RequestRecord
@@ -149,7 +151,7 @@ class Operations:
     async def observe(self, request: Request, handler: Handler) -> StreamResponse:
         """Just inside the access log (which sets the request id): the request's record, then its
         metrics, usage and JSON log line once it ends."""
-        record = RequestRecord(request_id=self._request_id() or unique_hex(), route=request.route or "unmatched")
+        record = RequestRecord(self._request_id() or unique_hex(), request.route or "unmatched")
         request.state[_RECORD] = record
         try:
             response = await handler(request)
@@ -222,15 +224,14 @@ class Operations:
         record.model, record.messages = model, messages
         if record.key is None:
             return
-        record.admission = admission = Admission(record.key, self.store)
+        # The admission writes its x-ratelimit-* headers straight into the response's.
+        record.admission = admission = Admission(record.key, self.store, headers=record.rate_headers)
         cap = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
         try:
-            await admit(self.store, record.key, model, record.prompt_estimate + (cap or 0), admission)
+            await admit(self.store, record.key, model, record.prompt_estimate() + (cap or 0), admission)
         except LimitExceeded as exc:
             self.metrics.rate_limited.labels(record.key.name, exc.limit).inc()
             raise
-        finally:
-            record.rate_headers.update(admission.headers)
 
     def watch(self, request: Request, stream: ChatStream) -> None:
         """The upstream stream exists: its stats and result are read when the request ends."""
@@ -241,33 +242,34 @@ class Operations:
     # -- the end of a request ------------------------------------------------------------------
 
     async def _settle(self, record: RequestRecord) -> None:
-        self._count_stream(record)
+        label = self.metrics.model_label(record.model or "")
+        self._count_stream(record, label)
         if record.key is not None and record.tokens is not None:
             await self.usage.record(record.key.name, record.model or "", record.tokens)
         if record.admission is not None:
             await record.admission.finish(record.tokens.total if record.tokens else 0)
-        self._count_request(record)
+        self._count_request(record, label)
 
     def _settle_now(self, record: RequestRecord) -> None:
         """:meth:`_settle` for a request without a key: the same figures, nothing stored."""
-        self._count_stream(record)
-        self._count_request(record)
+        label = self.metrics.model_label(record.model or "")
+        self._count_stream(record, label)
+        self._count_request(record, label)
 
-    def _count_stream(self, record: RequestRecord) -> None:
-        """The answer's tokens and metrics, once it ended."""
+    def _count_stream(self, record: RequestRecord, label: str) -> None:
+        """The answer's tokens and metrics (``label``: its model's), once it ended."""
         stream = record.stream
         if stream is None:
             return
-        label = self.metrics.model_label(record.model or "")
-        record.tokens = tokens = count_tokens(stream, lambda: record.prompt_estimate)
+        record.tokens = tokens = count_tokens(stream, record.prompt_estimate)
         self.metrics.in_flight.labels(label).dec()
         self.metrics.observe_stream(label, stream.stats)
         self.metrics.tokens.labels(label, "prompt").observe(tokens.prompt)
         self.metrics.tokens.labels(label, "completion").observe(tokens.completion)
 
-    def _count_request(self, record: RequestRecord) -> None:
-        """The request's metrics and JSON log line."""
-        label, key_name = self.metrics.model_label(record.model or ""), record.key.name if record.key else ""
+    def _count_request(self, record: RequestRecord, label: str) -> None:
+        """The request's metrics (``label``: its model's) and JSON log line."""
+        key_name = record.key.name if record.key else ""
         self.metrics.requests.labels(record.route, label, key_name, str(record.status)).inc()
         self.metrics.duration.labels(record.route, label).observe(time.monotonic() - record.started)
         self.log.write(record)
