@@ -208,22 +208,20 @@ class ChatAccumulator:
         choices = [parts.result() for _, parts in sorted(self._choices.items())]
         first = choices[0] if choices else ChoiceResult()
         meta = self.meta
-        # By position, in the fields' order (each value names its field): a class called with thirteen
-        # keywords packs them in a dict, which costs more than the rest of this method.
         return ChatResult(
-            first.text,
-            first.finish_reason,
-            self.usage,
-            meta.model,
-            meta.id,
-            first.reasoning,
-            first.tool_calls,
-            first.refusal,
-            first.logprobs,
-            meta.created,
-            meta.system_fingerprint,
-            choices if len(choices) > 1 else [],  # choices
-            malformed_chunks,
+            text=first.text,
+            finish_reason=first.finish_reason,
+            usage=self.usage,
+            model=meta.model,
+            id=meta.id,
+            reasoning=first.reasoning,
+            tool_calls=first.tool_calls,
+            refusal=first.refusal,
+            logprobs=first.logprobs,
+            created=meta.created,
+            system_fingerprint=meta.system_fingerprint,
+            choices=choices if len(choices) > 1 else [],
+            malformed_chunks=malformed_chunks,
         )
 
 
@@ -272,15 +270,15 @@ class _ChoiceParts:
             call.extra.update(fragment.extra)
 
     def result(self) -> ChoiceResult:
-        return ChoiceResult(  # by position, in the fields' order (see ChatAccumulator.result)
-            self.index,
-            "".join(self.text),
-            "".join(self.reasoning),
-            [call for _, call in sorted(self.calls.items())],  # tool_calls
-            "".join(self.refusal) if self.refusal is not None else None,
-            self.logprobs,
-            self.finish_reason,
-            self.role,
+        return ChoiceResult(
+            index=self.index,
+            text="".join(self.text),
+            reasoning="".join(self.reasoning),
+            tool_calls=[call for _, call in sorted(self.calls.items())],
+            refusal="".join(self.refusal) if self.refusal is not None else None,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            role=self.role,
         )
 
 

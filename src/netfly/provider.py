@@ -199,22 +199,20 @@ class Provider:
         api_key = cls.resolve_api_key(options.get("api_key"))
         headers = cls._request_headers(options.get("headers"), api_key)
         parsed_proxy = _parse_proxy(proxy)
-        # By position, in the fields' order (each value names its field): a class called with thirteen
-        # keywords packs them in a dict, which costs as much as building the rest of the request.
         return ChatRequest(
-            cls.name(),
-            url,
-            headers,
-            body,
-            parsed_proxy,
-            Timeout.coerce(options["timeout"]) if options.get("timeout") is not None else cls.timeout,
-            _retry_policy(cls, options),
-            options.get("strict", False),
-            options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
-            options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
-            _secrets(url, headers, cls.secret_headers, api_key, parsed_proxy),
-            payload,
-            frozenset(n.lower() for n in cls.secret_headers) if cls.secret_headers else _NO_NAMES,  # secret_headers
+            provider=cls.name(),
+            url=url,
+            headers=headers,
+            body=body,
+            proxy=parsed_proxy,
+            timeout=Timeout.coerce(options["timeout"]) if options.get("timeout") is not None else cls.timeout,
+            retry=_retry_policy(cls, options),
+            strict=options.get("strict", False),
+            max_line_bytes=options.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES),
+            max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
+            secrets=_secrets(url, headers, cls.secret_headers, api_key, parsed_proxy),
+            payload=payload,
+            secret_headers=frozenset(n.lower() for n in cls.secret_headers) if cls.secret_headers else _NO_NAMES,
         )
 
     @classmethod

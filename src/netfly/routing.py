@@ -518,11 +518,10 @@ class RoutedStream(ChatStream):
         self._plan = plan
         self._mirrored: ChatStream | None = None  # the served stream whose answer this one shares
         name = router.name()
-        self._set_up(plan.first_call.request, RoutedStreamStats(name, plan.model or None, router=name), None)
-        # Nothing to assemble until a provider serves, and then often that provider's own assembly
-        # to share (see _served_by): no accumulator of its own before.
-        self._parts: list[str] = []
-        self._joined = 0
+        # Nothing to assemble until a provider serves, and then often that provider's own assembly to
+        # share (see _served_by): no accumulator of its own before.
+        self._set_up(plan.first_call.request, RoutedStreamStats(provider=name, model=plan.model or None, router=name),
+                     None)
 
     def _queue(self, errors: dict[str, BaseException]) -> _Queue:
         """The providers to try, in the strategy's order, with their calls; those ruled out are skipped."""
@@ -575,12 +574,13 @@ class RoutedStream(ChatStream):
             if items:
                 yield items
             served = winner.stream
-            if not ended:
+            while not ended:
                 try:
-                    async for read in served._items:  # its reads as they come, noted there too
-                        served._note_read(read)
-                        self.at_end = served.at_end
-                        yield read
+                    read = await served._next_noted()
+                    self.at_end = served.at_end
+                    yield read
+                except StopAsyncIteration:
+                    ended = True
                 except NetflyError as exc:
                     # Output reached the caller: switching now would mix two answers. The provider's
                     # error is raised as it is, as for a single provider: a cut stream is already a
@@ -729,8 +729,8 @@ class RoutedStream(ChatStream):
             if error is None and record.number == 0:
                 continue  # the stream never started and nothing is to be said about it
             provider = getattr(record, "provider", "") or runner.name
-            # number, error, status, duration, provider: by position (a class called with keywords packs them)
-            attempts.append(RoutedAttempt(len(attempts) + 1, error, record.status, duration, provider))
+            attempts.append(RoutedAttempt(number=len(attempts) + 1, error=error, status=record.status,
+                                          duration=duration, provider=provider))
 
 
 def _first_output_error(task: asyncio.Task[tuple[list[Item], bool]]) -> NetflyError | None:

@@ -116,11 +116,13 @@ class ChatStream:
     def __init__(
         self, request: ChatRequest, pool: SessionPool | None = None, *, stats: StreamStats | None = None
     ) -> None:
-        self._set_up(request, stats or StreamStats(request.provider, request.body.get("model")), pool)
+        self._set_up(request, stats or StreamStats(provider=request.provider, model=request.body.get("model")), pool)
         self._accumulate(ChatAccumulator())
 
     def _set_up(self, request: ChatRequest, stats: StreamStats, pool: SessionPool | None) -> None:
-        """Everything of a new stream but the assembly of its result (see :meth:`_accumulate`)."""
+        """Everything of a new stream but the assembly of its result (see :meth:`_accumulate`): no text yet."""
+        self._parts: list[str] = []
+        self._joined = 0  # how many of the first parts are joined blocks (see _note_text)
         self.request = request
         self.stats = stats
         self.result: ChatResult | None = None

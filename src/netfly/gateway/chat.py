@@ -155,10 +155,8 @@ def _tool_call_delta(call: ToolCallDelta) -> dict[str, Any]:
 
 
 def _first_choice(result: ChatResult) -> ChoiceResult:
-    # index, text, reasoning, tool_calls, refusal, logprobs, finish_reason: by position (a class called with
-    # keywords packs them in a dict)
-    return ChoiceResult(0, result.text, result.reasoning, result.tool_calls, result.refusal, result.logprobs,
-                        result.finish_reason)
+    return ChoiceResult(index=0, text=result.text, reasoning=result.reasoning, tool_calls=result.tool_calls,
+                        refusal=result.refusal, logprobs=result.logprobs, finish_reason=result.finish_reason)
 
 
 def _choice(choice: ChoiceResult) -> dict[str, Any]:

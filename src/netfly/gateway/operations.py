@@ -151,7 +151,7 @@ class Operations:
     async def observe(self, request: Request, handler: Handler) -> StreamResponse:
         """Just inside the access log (which sets the request id): the request's record, then its
         metrics, usage and JSON log line once it ends."""
-        record = RequestRecord(self._request_id() or unique_hex(), request.route or "unmatched")
+        record = RequestRecord(request_id=self._request_id() or unique_hex(), route=request.route or "unmatched")
         request.state[_RECORD] = record
         try:
             response = await handler(request)

@@ -97,13 +97,13 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     if include_usage is not None and not isinstance(include_usage, bool):
         raise GatewayError(400, f"field 'stream_options.include_usage' must be a boolean, got "
                                 f"{json_type(include_usage)}", param="stream_options.include_usage")
-    return ChatCompletionRequest(  # by position, in the fields' order (a class called with keywords packs them)
-        body.get("model") or None,  # model
-        messages,
-        bool(body.get("stream")),  # stream
-        bool(include_usage),
-        {k: v for k, v in body.items() if k not in _HANDLED and v is not None},  # params
-        dict(options),  # stream_options
+    return ChatCompletionRequest(
+        model=body.get("model") or None,
+        messages=messages,
+        stream=bool(body.get("stream")),
+        include_usage=bool(include_usage),
+        stream_options=dict(options),
+        params={k: v for k, v in body.items() if k not in _HANDLED and v is not None},
     )
 
 
