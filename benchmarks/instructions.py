@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gateway import NETFLY_KEY, netfly_config
+from gateway import NETFLY_KEY, env_set, netfly_config
 from run import HERE, RESULTS, background, free_port
 
 SRC = HERE.parent / "src"
@@ -101,7 +100,7 @@ def measure(name: str, case: Case, src: Path, work: Path, upstream: str) -> dict
             sys.executable, "-m", "netfly", "serve", "--host", "127.0.0.1", "--port", str(port), *how]
     env = {"PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_environment(env))
+        stack.enter_context(env_set(env))
         log = stack.enter_context((work / f"{name}.log").open("wb"))
         gateway = stack.enter_context(background(argv, port, f"netfly serve under callgrind ({name})", log))
         base = f"http://127.0.0.1:{port}"
@@ -112,20 +111,6 @@ def measure(name: str, case: Case, src: Path, work: Path, upstream: str) -> dict
                 for line in path.read_text().splitlines() if line.startswith("totals:"))
     return {"ok": bool(result.get("ok")), "error": result.get("error"), "instructions": total,
             "units": case.units, "unit": case.unit, "per_unit": round(total / case.units)}
-
-
-@contextlib.contextmanager
-def _environment(extra: dict[str, str]) -> Any:
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> int:
