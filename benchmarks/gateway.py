@@ -17,8 +17,9 @@ seconds (``/proc/PID/stat``) and peak RSS (``VmHWM``, reset before each measurem
 
 Measurements: one stream of 20,000 chunks (median of 5), time to first token over 30 streams of 16
 chunks (median per run, median of 5 runs), 200 concurrent streams x 500 chunks (median of 3), and
-1,000 non-streamed requests at concurrency 50 (median of 3). The Responses and Messages adapters of
-netfly get their own rows, compared with direct chat completions. Prints Markdown, writes JSON to
+1,000 non-streamed requests at concurrency 50 (median of 7: a run lasts under half a second, so one
+slow moment moves it by a third). The Responses and Messages adapters of netfly get their own rows,
+compared with direct chat completions. Prints Markdown, writes JSON to
 benchmarks/results/ (goals: issue 15).
 """
 
@@ -320,7 +321,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
         "ln": 16, "lc": 10 if quick else 30,
         "streams": 50 if quick else 200, "sc": 200 if quick else 500,
         "creps": args.reps or (1 if quick else 3),
-        "count": 200 if quick else 1000, "conc": 50, "rn": 64, "rreps": args.reps or (1 if quick else 3),
+        "count": 200 if quick else 1000, "conc": 50, "rn": 64, "rreps": args.reps or (1 if quick else 7),
     }
 
 
@@ -344,7 +345,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"of: {', '.join(ALL_TARGETS)}")
     parser.add_argument("--modes", default="single,latency,concurrent,requests")
-    parser.add_argument("--reps", type=int, help="repetitions of every mode (default: 5 single and latency, 3 others)")
+    parser.add_argument("--reps", type=int,
+                        help="repetitions of every mode (default: 5 single and latency, 3 concurrent, 7 non-streamed)")
     parser.add_argument("--n", type=int)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
