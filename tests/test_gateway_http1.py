@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -320,6 +321,27 @@ async def test_an_oversized_head_is_refused_and_the_connection_closes(
     assert await _closed(reader)
     writer.close()
 
+
+
+_REFUSED_BEFORE_ANY_HANDLER = {
+    "malformed": (_MALFORMED["content-length-and-chunked"], 400),
+    "http-2": (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    **{name: (raw, status) for name, (raw, status, _) in _OVERSIZED.items()},
+}
+
+
+@pytest.mark.parametrize(("raw", "status"), list(_REFUSED_BEFORE_ANY_HANDLER.values()),
+                         ids=list(_REFUSED_BEFORE_ANY_HANDLER))
+async def test_a_request_refused_before_any_handler_is_answered_with_a_date(
+    launch: Launch, raw: bytes, status: int
+) -> None:
+    reader, writer = await (await launch()).connect()
+    writer.write(raw)
+    got, headers, _ = await _response(reader)
+    writer.close()
+    assert got == status
+    sent = parsedate_to_datetime(headers["date"])  # README: "every answer has a Date"
+    assert abs(sent.timestamp() - time.time()) < 5
 
 async def test_a_head_without_end_is_cut_at_the_head_limit_not_buffered(launch: Launch) -> None:
     served = await launch()

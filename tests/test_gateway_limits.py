@@ -249,6 +249,7 @@ async def test_connections_over_the_cap_get_503_and_a_freed_slot_is_reused(
         data, _ = await _read_until_closed(reader, 5)
         writer.close()
         refused.append(_status_and_json(data))
+        assert b"\r\nDate: " in data.partition(b"\r\n\r\n")[0]  # every answer has a Date, this one too
     assert [status for status, _ in refused] == [503, 503]
     assert refused[0][1]["error"]["code"] == "too_many_connections"
     assert caplog.text.count("refusing new ones with 503") == 1  # warned once, not per connection

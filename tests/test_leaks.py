@@ -21,6 +21,7 @@ from netfly.redact import drop_secret_prefix, scrub
 from netfly.sse import ServerSentEvent
 
 from .conftest import TOKEN, chunk, sse, stream_bytes
+from .test_cli import run_cli
 
 KEY = "sk-leak-Zq9x/Key+1234567890abcdef"  # a "/" so that JSON may escape it as "\/"
 PASSWORD = "url-pass-w0rd-91ab"
@@ -96,6 +97,30 @@ async def test_a_url_password_never_shows(scripted: Any, caplog: pytest.LogCaptu
     assert PASSWORD not in logged and PASSWORD not in _shown(caught.value)
     assert server.headers[0]["Authorization"].removeprefix("Basic ") not in logged
 
+
+
+@pytest.mark.parametrize("how", ["api_key", "headers"])
+async def test_a_url_password_and_an_authorization_header_are_refused_before_any_io(scripted: Any, how: str) -> None:
+    # Both would be the Authorization header; the HTTP client raised a bare ValueError mid-call.
+    server = await scripted(lambda request: stream_bytes(request, sse(chunk("ok"))))
+    provider = OpenAICompatible.configure(url=server.url.replace("http://", f"http://user:{PASSWORD}@"))
+    extra = {"api_key": KEY} if how == "api_key" else {"headers": {"Authorization": f"Bearer {KEY}"}}
+    with pytest.raises(netfly.ConfigurationError, match=r"the credentials in its url \(user:\*\*\*@\) and an "
+                                                      r"Authorization header .* cannot both be sent") as caught:
+        await provider.create_async("m", MESSAGES, **extra)
+    assert caught.value.param == "url" and server.requests == []
+    assert PASSWORD not in _shown(caught.value) and KEY not in _shown(caught.value)
+
+
+async def test_the_cli_says_a_url_password_and_an_api_key_clash_without_a_traceback(scripted: Any) -> None:
+    server = await scripted(lambda request: stream_bytes(request, sse(chunk("ok"))))
+    url = server.url.replace("http://", f"http://user:{PASSWORD}@")
+    for command in (["chat", "hi"], ["models"]):
+        code, out, err = await run_cli(*command, "--url", url, "--api-key", KEY)
+        assert (code, out) == (2, "")
+        assert err.startswith("netfly: error: ConfigurationError: ") and "cannot both be sent" in err
+        assert "Traceback" not in err and PASSWORD not in err and KEY not in err
+    assert server.requests == []
 
 def test_a_url_password_is_not_in_the_cli_provider_name_or_errors() -> None:
     provider = resolve_provider(None, f"http://user:{PASSWORD}@127.0.0.1:1/v1", url_label=f"http://user:{PASSWORD}@h")

@@ -186,13 +186,15 @@ async def test_call_options_are_not_body_fields(scripted: Any) -> None:
     ("option", "value"),
     [("max_retries", 0), ("max_retries", "3"), ("max_attempts", True), ("retry_delay", -1), ("timeout", -5),
      ("timeout", "soon"), ("headers", ["X-A: 1"]), ("max_line_bytes", 0), ("max_line_bytes", True),
-     ("max_event_bytes", -1), ("strict", "yes"), ("extra_body", ["a"])],
+     ("max_event_bytes", -1), ("strict", "yes"), ("extra_body", ["a"]), ("proxy", "socks5://"),
+     ("proxy", "ftp://proxy.example")],
 )
 async def test_bad_call_options_fail_before_any_io(scripted: Any, option: str, value: Any) -> None:
     server = await scripted(_hello)
     with pytest.raises(ConfigurationError) as caught:
         await server.provider().create_async("", MESSAGES, **{option: value})
     assert option.split("_")[0] in str(caught.value)
+    assert caught.value.param == option  # README: .param names the argument at fault
     assert server.requests == []
 
 

@@ -8,17 +8,19 @@ from typing import Any
 from .errors import ConfigurationError
 
 
-def seconds(name: str, value: Any, *, positive: bool = False, or_none: str = "") -> float:
-    """``value`` as a float number of seconds, ``>= 0`` (``> 0`` when ``positive``); NaN refused."""
+def seconds(name: str, value: Any, *, positive: bool = False, or_none: str = "", param: str | None = None) -> float:
+    """``value`` as a float number of seconds, ``>= 0`` (``> 0`` when ``positive``); NaN refused.
+    ``param`` is the argument the error names (default: ``name``)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not (value > 0 or (value == 0 and not positive)):  # "not >": NaN fails too
         bound = "> 0" if positive else ">= 0"
-        raise ConfigurationError(f"{name} must be a number of seconds {bound}{or_none}, got {value!r}", param=name)
+        raise ConfigurationError(f"{name} must be a number of seconds {bound}{or_none}, got {value!r}",
+                                 param=param or name)
     return float(value)
 
 
-def optional_seconds(name: str, value: Any, *, positive: bool = False) -> float | None:
-    return None if value is None else seconds(name, value, positive=positive, or_none=" or None")
+def optional_seconds(name: str, value: Any, *, positive: bool = False, param: str | None = None) -> float | None:
+    return None if value is None else seconds(name, value, positive=positive, or_none=" or None", param=param)
 
 
 def whole(name: str, value: Any, *, minimum: int = 1, unit: str = "", or_none: str = "") -> int:

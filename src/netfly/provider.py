@@ -166,6 +166,7 @@ class Provider:
         url = cls.endpoint_url().replace("/chat/completions", "/models")
         key = cls.resolve_api_key(api_key)
         headers = {"authorization": f"Bearer {key}"} if key else {}
+        _check_one_authorization(cls.name(), url, headers)
         secrets = _secrets(url, headers, cls.secret_headers, key, None)
         body = await fetch_json(url, headers=headers, timeout=cls.timeout, target=cls.name(), secrets=secrets)
         data = body.get("data") if isinstance(body, dict) else None
@@ -227,6 +228,8 @@ class Provider:
         elif cls.needs_auth:
             where = f" or set ${cls.api_key_env}" if cls.api_key_env else ""
             raise ConfigurationError(f"{cls.name()} needs an API key: pass api_key=...{where}", param="api_key")
+        if "@" in cls.url:
+            _check_one_authorization(cls.name(), cls.url, headers)
         return headers
 
     # -- calling -------------------------------------------------------------------------------
@@ -324,6 +327,17 @@ def _checked_endpoint(name: str, url: str, api_endpoint: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{name}: url must be an http(s) URL with a host, got {redact_url(url)!r}")
     return endpoint
+
+
+def _check_one_authorization(name: str, url: str, headers: Mapping[str, str]) -> None:
+    """A URL's ``user:password`` is sent as Basic credentials in the ``Authorization`` header, which
+    the API key (or a header of the call) would fill too: the HTTP client refuses both, so the caller
+    hears it first, naming both."""
+    parts = urlsplit(url)
+    if (parts.username or parts.password) and any(header.lower() == "authorization" for header in headers):
+        raise ConfigurationError(
+            f"{name}: the credentials in its url (user:***@) and an Authorization header (the API key, "
+            "or one in headers=) cannot both be sent; keep one of them", param="url")
 
 
 def _secrets(

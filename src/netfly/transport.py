@@ -77,7 +77,7 @@ class Timeout:
 
     def __post_init__(self) -> None:
         for name in ("connect", "idle", "total"):
-            _checks.optional_seconds(f"timeout {name}", getattr(self, name), positive=True)
+            _checks.optional_seconds(f"timeout {name}", getattr(self, name), positive=True, param="timeout")
 
     @classmethod
     def coerce(cls, value: Timeout | float | int | None) -> Timeout:
@@ -88,7 +88,8 @@ class Timeout:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return cls(total=float(value))
-        raise ConfigurationError(f"timeout must be a number of seconds or a netfly.Timeout, got {value!r}")
+        raise ConfigurationError(f"timeout must be a number of seconds or a netfly.Timeout, got {value!r}",
+                                 param="timeout")
 
 
 _PROXY_SCHEMES = {"http", "https", "socks4", "socks4a", "socks5", "socks5h"}
@@ -110,17 +111,18 @@ class Proxy:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise ConfigurationError(f"invalid proxy URL {redact_url(url)!r}: {exc}") from None
+            raise ConfigurationError(f"invalid proxy URL {redact_url(url)!r}: {exc}", param="proxy") from None
         scheme = parts.scheme.lower()
         if scheme not in _PROXY_SCHEMES:
             raise ConfigurationError(
                 f"unsupported proxy scheme {scheme!r} in {redact_url(url)!r}; "
-                f"use one of: {', '.join(sorted(_PROXY_SCHEMES))}"
+                f"use one of: {', '.join(sorted(_PROXY_SCHEMES))}", param="proxy"
             )
         if not parts.hostname:
-            raise ConfigurationError(f"proxy URL {redact_url(url)!r} has no host")
+            raise ConfigurationError(f"proxy URL {redact_url(url)!r} has no host", param="proxy")
         if scheme.startswith("socks") and aiohttp_socks is None:  # pragma: no cover
-            raise ConfigurationError("SOCKS proxies need the aiohttp-socks package: pip install aiohttp-socks")
+            raise ConfigurationError("SOCKS proxies need the aiohttp-socks package: pip install aiohttp-socks",
+                                     param="proxy")
         if port is None:
             port = {"http": 80, "https": 443}.get(scheme, 1080)
         return cls(

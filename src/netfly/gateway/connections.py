@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -64,9 +66,26 @@ def raw_response(info: ErrorInfo) -> bytes:
     """A whole HTTP/1.1 answer that closes the connection, for a request no handler sees."""
     body = _json.dumps(info.body())
     head = [f"HTTP/1.1 {info.status} {HTTPStatus(info.status).phrase}", "Content-Type: application/json",
-            f"Content-Length: {len(body)}", "Connection: close"]
+            f"Content-Length: {len(body)}", date_line().rstrip(), "Connection: close"]
     head += [f"{name}: {value}" for name, value in info.headers().items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class _DateLine:
+    """The ``Date`` header line of every answer (RFC 9110 6.6.1), made once a second."""
+
+    second = 0
+    line = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.line = second, f"Date: {formatdate(second, usegmt=True)}\r\n"
+        return cls.line
+
+
+date_line = _DateLine.now
 
 
 def peer_of(transport: asyncio.BaseTransport | Any) -> str:

@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from .._http1 import MAX_HEAD, MAX_LINE
-from .connections import RequestBodyTimeout, peer_of, raw_response
+from .connections import RequestBodyTimeout, date_line, peer_of, raw_response
 from .errors import ErrorInfo
 from .web import REASONS, Headers, HTTPError, Request, Response, StreamResponse, text_response
 
@@ -302,7 +300,7 @@ class Connection(asyncio.Protocol):
             lines.append(f"Content-Length: {length}\r\n")
         elif chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append(_date_line())
+        lines.append(date_line())
         if not keep:
             lines.append("Connection: close\r\n")
         elif request.http10:
@@ -490,19 +488,3 @@ class Connection(asyncio.Protocol):
         if transport is not None:
             transport.abort() if abort else transport.close()
 
-
-class _DateLine:
-    """The ``Date`` header, made once a second."""
-
-    second = 0
-    line = ""
-
-    @classmethod
-    def now(cls) -> str:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second, cls.line = second, f"Date: {formatdate(second, usegmt=True)}\r\n"
-        return cls.line
-
-
-_date_line = _DateLine.now
