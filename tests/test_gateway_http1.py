@@ -322,7 +322,6 @@ async def test_an_oversized_head_is_refused_and_the_connection_closes(
     writer.close()
 
 
-
 _REFUSED_BEFORE_ANY_HANDLER = {
     "malformed": (_MALFORMED["content-length-and-chunked"], 400),
     "http-2": (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
@@ -342,6 +341,7 @@ async def test_a_request_refused_before_any_handler_is_answered_with_a_date(
     assert got == status
     sent = parsedate_to_datetime(headers["date"])  # README: "every answer has a Date"
     assert abs(sent.timestamp() - time.time()) < 5
+
 
 async def test_a_head_without_end_is_cut_at_the_head_limit_not_buffered(launch: Launch) -> None:
     served = await launch()

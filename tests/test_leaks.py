@@ -98,7 +98,6 @@ async def test_a_url_password_never_shows(scripted: Any, caplog: pytest.LogCaptu
     assert server.headers[0]["Authorization"].removeprefix("Basic ") not in logged
 
 
-
 @pytest.mark.parametrize("how", ["api_key", "headers"])
 async def test_a_url_password_and_an_authorization_header_are_refused_before_any_io(scripted: Any, how: str) -> None:
     # Both would be the Authorization header; the HTTP client raised a bare ValueError mid-call.
@@ -121,6 +120,23 @@ async def test_the_cli_says_a_url_password_and_an_api_key_clash_without_a_traceb
         assert err.startswith("netfly: error: ConfigurationError: ") and "cannot both be sent" in err
         assert "Traceback" not in err and PASSWORD not in err and KEY not in err
     assert server.requests == []
+
+
+async def test_a_gateway_refuses_at_start_a_url_password_with_an_api_key(tmp_path: Any) -> None:
+    # The operator's mistake: said once, at start-up (serve exits 2; config check names it), never a
+    # 400 to every client.
+    url = f"http://user:{PASSWORD}@127.0.0.1:9/v1"
+    code, out, served = await run_cli("serve", "--url", url, "--port", "0", env={"NETFLY_API_KEY": KEY})
+    assert (code, out) == (2, "") and "cannot both be sent" in served
+    config = tmp_path / "netfly.toml"
+    config.write_text(f'[providers.up]\nurl = "{url}"\napi_key = "${{UP_KEY}}"\n')
+    code, out, checked = await run_cli("config", "check", str(config), env={"UP_KEY": KEY})
+    assert (code, out) == (2, "") and "up: the credentials in its url (user:***@)" in checked
+    for err in (served, checked):
+        assert "Traceback" not in err and PASSWORD not in err and KEY not in err
+    code, out, err = await run_cli("config", "check", str(config), env={"UP_KEY": ""})
+    assert code == 0, err  # no key in the environment: nothing clashes
+
 
 def test_a_url_password_is_not_in_the_cli_provider_name_or_errors() -> None:
     provider = resolve_provider(None, f"http://user:{PASSWORD}@127.0.0.1:1/v1", url_label=f"http://user:{PASSWORD}@h")

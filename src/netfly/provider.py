@@ -143,6 +143,15 @@ class Provider:
         return None
 
     @classmethod
+    def check_credentials(cls) -> None:
+        """:class:`ConfigurationError` when the url's ``user:password`` and an ``Authorization`` header
+        (the API key, or one in ``headers``) would both be sent; no I/O. A gateway checks its providers
+        so at start-up: an operator's mistake, not a client's on every request."""
+        if "@" in cls.url:
+            headers = {**cls.headers, "authorization": ""} if cls.resolve_api_key() else cls.headers
+            _check_one_authorization(cls.name(), cls.url, headers)
+
+    @classmethod
     def default_headers(cls) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream, application/json"}
         if cls.browser_headers:

@@ -408,7 +408,10 @@ def _router(
 ) -> ModelRouter:
     """The flags' provider when given, else the configuration file's models."""
     if provider is not None:
-        return ModelRouter(get_provider(provider) if isinstance(provider, str) else provider, providers)
+        router = ModelRouter(get_provider(provider) if isinstance(provider, str) else provider, providers)
+        for exposed in router.providers.values():
+            exposed.check_credentials()
+        return router
     configured = operations.router()
     if configured is None:
         raise ConfigurationError("no provider: pass one, or a configuration with [providers]")

@@ -111,6 +111,7 @@ def _provider(name: str, spec: ProviderConfig) -> type[Provider]:
         attributes["retry_delay"] = spec.retry_delay
     provider: type[Provider] = type(name, (_ConfiguredProvider, base), attributes)
     provider.endpoint_url()  # a URL the schema let through but the provider cannot use fails now
+    provider.check_credentials()
     return provider
 
 
