@@ -1,0 +1,516 @@
+"""Hostile requests at every route of the gateway, and an upstream that answers garbage.
+
+The gateway (keys, an admin key, a metrics token, from a configuration file) and its upstream are
+real servers on 127.0.0.1; requests go out as raw bytes on blocking sockets, so a test sees exactly
+what a client would: never a 500, a dropped connection or a hang; every error a JSON body of its
+API's shape; no traceback, no upstream key and no client key in any answer or log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netfly.gateway import bound_port, create_app, start
+from netfly.gateway.operations import Operations
+from netfly.gateway.server import Runner
+
+from .conftest import chunk, sse
+
+UPSTREAM_KEY = "sk-upstream-fuzz-7f3a9c41d2e5"
+CLIENT_KEY = "nf-client-fuzz-55d1c0"
+ADMIN_KEY = "nf-admin-fuzz-9e0a7b"
+METRICS_TOKEN = "metrics-fuzz-1b2c3d"
+SECRETS = (UPSTREAM_KEY, CLIENT_KEY, ADMIN_KEY, METRICS_TOKEN)
+HELLO = [{"role": "user", "content": "hi"}]
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+UpstreamHandler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+# -- the upstream: one behaviour per model name -----------------------------------------------------
+
+
+def _events(*objects: Any, content_type: str = "text/event-stream", status: int = 200) -> UpstreamHandler:
+    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        payload = sse(*objects, done=False) if content_type == "text/event-stream" else objects[0]
+        return web.Response(body=payload, status=status, headers={"Content-Type": content_type})
+    return handler
+
+
+def _echo_key(status: int, content_type: str = "application/json") -> UpstreamHandler:
+    """An upstream error that repeats the key it was sent, in every field it has."""
+    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        key = request.headers.get("Authorization", "")
+        error = {"message": f"key {key} refused", "type": key, "param": key, "code": key}
+        text = json.dumps({"error": error}) if content_type == "application/json" else f"bad key: {key}"
+        return web.Response(text=text, status=status, headers={"Content-Type": content_type})
+    return handler
+
+
+async def _truncated(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """A head promising more bytes than come before the connection closes."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "4096"})
+    await response.prepare(request)
+    await response.write(b'{"id": "x", "choi')
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
+_GOOD = (chunk(role="assistant"), chunk("ok"), chunk(finish="stop"), chunk(choices=False, usage=USAGE), "[DONE]")
+_KEY_IN_STREAM = {"error": {"message": f"upstream says {UPSTREAM_KEY}", "type": "server_error"}}
+CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
+    "ok": _events(*_GOOD),
+    "bad-json": _events(chunk(role="assistant"), "{not json", '{"choices": 5}', '{"choices": [{"delta": []}]}',
+                        "[1, 2]", '"text"', '{"choices": [{"delta": {"content": NaN}}]}', "[DONE]"),
+    "html": _events(b"<html><body>oops</body></html>", content_type="text/html"),
+    "json-garbage": _events(b'{"choices": "x", "usage": "y"}', content_type="application/json"),
+    "json-not-object": _events(b"[1, 2, 3]", content_type="application/json"),
+    "truncated-stream": _events(chunk(role="assistant"), '{"id": "x", "choices": [{"del'),
+    "truncated-body": _truncated,
+    "huge-line": _events("x" * (1 << 20 | 7)),
+    "bad-usage": _events(chunk("ok"), chunk(finish="stop"), chunk(choices=False, usage={
+        "prompt_tokens": "3", "completion_tokens": -2, "total_tokens": 1e300,
+        "prompt_tokens_details": [1], "completion_tokens_details": "x"}), "[DONE]"),
+    "usage-not-object": _events(chunk("ok"), {"choices": [], "usage": [1, 2]}, "[DONE]"),
+    "bad-tool-calls": _events({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": "a", "function": {"name": 5, "arguments": {}}}, {"index": 2**63, "id": 7}, "call"]}}]},
+        chunk(finish="tool_calls"), "[DONE]"),
+    "key-in-stream": _events(chunk("ok"), _KEY_IN_STREAM, "[DONE]"),
+    "key-400": _echo_key(400),
+    "key-401": _echo_key(401),
+    "key-429": _echo_key(429),
+    "key-500-text": _echo_key(500, "text/plain"),
+}
+EMBEDDING_BEHAVIOURS: dict[str, dict[str, Any] | list[Any] | str] = {
+    "emb-ok": {"data": [{"embedding": [0.5, 0.25]}]},
+    "emb-ragged": {"data": [{"embedding": [[0.5, 0.25], [0.5]]}]},
+    "emb-strings": {"data": [{"embedding": [["a", "b"], ["c", "d"]]}]},
+    "emb-mixed": {"data": [{"embedding": [[0.5], 5]}, {"embedding": "x"}, 7]},
+    "emb-words": {"data": [{"embedding": ["a", None]}]},
+    "emb-no-data": {"object": "list"},
+    "emb-not-object": [1, 2],
+    "emb-text": "not json at all",
+}
+
+
+async def _embeddings(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    reply = EMBEDDING_BEHAVIOURS.get(str(body.get("model")), EMBEDDING_BEHAVIOURS["emb-ok"])
+    if isinstance(reply, str):
+        return web.Response(text=reply, content_type="text/plain")
+    return web.json_response(reply)
+
+
+async def _upstream(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    if request.method == "GET":  # the model list
+        return web.Response(text='{"data": [{"id": 5}, "x"', content_type="application/json")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return web.json_response({"error": {"message": "not json"}}, status=400)
+    if request.path.endswith("/embeddings"):
+        return await _embeddings(request, body)
+    return await CHAT_BEHAVIOURS.get(str(body.get("model")), CHAT_BEHAVIOURS["ok"])(request, body)
+
+
+# -- the gateway, served on a loop of its own (blocking sockets and hypothesis in the test thread) ---
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _config(upstream_url: str) -> str:
+    models = [*CHAT_BEHAVIOURS, *EMBEDDING_BEHAVIOURS]
+    lines = [f'[providers.up]\nurl = "{upstream_url}"\napi_key = "${{FUZZ_UPSTREAM_KEY}}"\nretries = 1\n',
+             '[server]\nmetrics_token_env = "FUZZ_METRICS_TOKEN"\n',
+             f'[keys.client]\nsha256 = "{_digest(CLIENT_KEY)}"\n',
+             f'[keys.ops]\nsha256 = "{_digest(ADMIN_KEY)}"\nadmin = true\n']
+    lines += [f'[models."{name}"]\ntargets = [{{ provider = "up", model = "{name}" }}]\n' for name in models]
+    return "\n".join(lines)
+
+
+async def _start_pair(path: Path) -> tuple[list[Runner | web.AppRunner], int]:
+    upstream_app = web.Application(client_max_size=8 << 20)
+    upstream_app.router.add_route("*", "/{tail:.*}", _upstream)
+    upstream = web.AppRunner(upstream_app, access_log=None)
+    await upstream.setup()
+    await web.TCPSite(upstream, "127.0.0.1", 0).start()
+    path.write_text(_config(f"http://127.0.0.1:{upstream.addresses[0][1]}/v1"))
+    gateway = await start(create_app(operations=Operations.from_file(path)), "127.0.0.1", 0)
+    return [gateway, upstream], bound_port(gateway)
+
+
+class _Records(logging.Handler):
+    """Every record of netfly's loggers, from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[logging.LogRecord]:
+        taken, self.records = self.records, []
+        return taken
+
+
+class _Served:
+    def __init__(self, port: int, records: _Records) -> None:
+        self.port = port
+        self.records = records
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Served]:
+    saved = {name: os.environ.get(name) for name in ("FUZZ_UPSTREAM_KEY", "FUZZ_METRICS_TOKEN")}
+    os.environ.update(FUZZ_UPSTREAM_KEY=UPSTREAM_KEY, FUZZ_METRICS_TOKEN=METRICS_TOKEN)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    path = tmp_path_factory.mktemp("fuzz") / "netfly.toml"
+    runners, port = asyncio.run_coroutine_threadsafe(_start_pair(path), loop).result(30)
+    records = _Records()
+    logger = logging.getLogger("netfly")
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield _Served(port, records)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+        for runner in runners:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+# -- talking to it, and what every answer must be ---------------------------------------------------
+
+
+def _exchange(port: int, raw: bytes) -> bytes:
+    """Send raw request bytes (``Connection: close``) and read the whole answer: the gateway must close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while piece := sock.recv(65536):
+            chunks.append(piece)
+    return b"".join(chunks)
+
+
+def _request(method: bytes, target: bytes, body: bytes = b"", *, key: str | None = CLIENT_KEY,
+             headers: bytes = b"Content-Type: application/json\r\n", length: bool = True) -> bytes:
+    head = method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers
+    if key is not None:
+        head += b"Authorization: Bearer " + key.encode() + b"\r\n"
+    if length:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
+
+
+class Answer:
+    """A raw HTTP/1.1 answer, its body de-chunked."""
+
+    def __init__(self, raw: bytes) -> None:
+        assert raw.startswith(b"HTTP/1.1 "), f"no answer, or not HTTP: {raw[:200]!r}"
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.raw = raw
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        chunked = self.headers.get("transfer-encoding") == "chunked"
+        self.body = _dechunk(body) if chunked else body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(data[:size])
+        data = data[size + 2:]
+    return b"".join(out)
+
+
+def _check(served: _Served, raw: bytes, path: str, method: bytes = b"POST") -> Answer:
+    """Everything the standard promises about one answer; the answer, for more checks."""
+    answer = Answer(raw)
+    assert answer.status != 500, raw[:600]
+    assert b"Traceback" not in raw, raw[:600]
+    for secret in SECRETS:
+        assert secret.encode() not in raw, f"{secret} leaked: {raw[:600]!r}"
+    if answer.status >= 400 and method != b"HEAD":
+        _check_error_shape(answer, path)
+    if answer.headers.get("content-type", "").startswith("text/event-stream"):
+        _check_events(answer.body)
+    _check_logs(served)
+    return answer
+
+
+def _check_error_shape(answer: Answer, path: str) -> None:
+    assert answer.headers.get("content-type", "").startswith("application/json"), answer.raw[:600]
+    body = answer.json()
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and isinstance(body["error"]["type"], str), body
+    else:
+        assert set(body) == {"error"} and isinstance(body["error"]["type"], str), body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+
+
+def _check_events(body: bytes) -> None:
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            json.loads(line[5:])  # every event a JSON document, errors included
+
+
+def _check_logs(served: _Served) -> None:
+    records = served.records.take()
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert errors == []
+    for record in records:
+        text = record.getMessage() + (str(record.exc_info) if record.exc_info else "")
+        assert not any(secret in text for secret in SECRETS), text
+
+
+def _post(served: _Served, path: str, body: Any, **options: Any) -> Answer:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _check(served, _exchange(served.port, _request(b"POST", path.encode(), data, **options)), path)
+
+
+# -- the upstream's garbage, through each API ---------------------------------------------------------
+
+
+def _bodies(model: str, stream: bool) -> dict[str, dict[str, Any]]:
+    return {
+        "/v1/chat/completions": {"model": model, "messages": HELLO, "stream": stream},
+        "/v1/responses": {"model": model, "input": "hi", "stream": stream},
+        "/v1/messages": {"model": model, "max_tokens": 5, "messages": HELLO, "stream": stream},
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("model", sorted(CHAT_BEHAVIOURS))
+def test_an_upstream_answering_garbage_gets_the_client_a_clean_answer(served: _Served, model: str,
+                                                                       stream: bool) -> None:
+    for path, body in _bodies(model, stream).items():
+        answer = _post(served, path, body)
+        assert answer.status in (200, 400, 401, 429, 502, 504), (path, answer.raw[:600])
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+@pytest.mark.parametrize("model", sorted(EMBEDDING_BEHAVIOURS))
+def test_an_upstream_answering_garbage_embeddings_is_a_502_not_a_500(served: _Served, model: str,
+                                                                     encoding: str) -> None:
+    answer = _post(served, "/v1/embeddings", {"model": model, "input": "hi", "encoding_format": encoding})
+    assert answer.status in (200, 502), answer.raw[:600]
+
+
+def test_the_model_list_survives_an_upstream_that_lists_garbage(served: _Served) -> None:
+    answer = Answer(_check(served, _exchange(served.port, _request(b"GET", b"/v1/models")), "/v1/models").raw)
+    assert answer.status == 200 and "ok" in {m["id"] for m in answer.json()["data"]}
+
+
+# -- hostile client requests ----------------------------------------------------------------------
+
+_LEAF = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+         | st.text(max_size=6) | st.sampled_from(["", "\x00", "\ud800", "user", "text", "function", "auto", "ok"]))
+_JSON = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["type", "text", "role", "content", "name", "id", "input", "source", "image_url", "function",
+                     "arguments", "parameters", "url", "data", "output", "call_id", "format", "effort"])
+    | st.text(max_size=4), inner, max_size=3), max_leaves=10)
+_PART = st.fixed_dictionaries({"type": st.sampled_from([
+    "text", "image", "image_url", "input_text", "output_text", "input_image", "refusal", "tool_use", "tool_result",
+    "thinking", "input_audio", "file", "video", "", "TEXT"]) | _JSON}, optional={
+    "text": _JSON, "source": _JSON, "image_url": _JSON, "input": _JSON, "content": _JSON, "detail": _JSON,
+    "refusal": _JSON, "name": _JSON, "id": _JSON, "tool_use_id": _JSON})
+_MESSAGE = st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["user", "assistant", "system", "developer", "tool", ""]) | _JSON,
+    "content": st.text(max_size=6) | st.lists(_PART, max_size=3) | _JSON,
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "other"]) | _JSON,
+    "tool_calls": _JSON, "name": _JSON, "call_id": _JSON, "output": _JSON, "arguments": _JSON})
+_TOOL = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["function", "web_search", ""]) | _JSON, "name": _JSON, "function": _JSON,
+    "input_schema": _JSON, "parameters": _JSON, "description": _JSON})
+_GARBAGE = (_JSON | st.lists(_PART | _TOOL | _MESSAGE, max_size=2) | _PART | _TOOL
+            | st.sampled_from(["1", "0.5", "true", "null", "NaN", -1, 2**64 - 1, 1e308, "ok", "up/ok", "emb-ok"]))
+_COMMON = ["model", "stream", "temperature", "top_p", "tools", "tool_choice", "metadata", "timeout", "headers",
+           "proxy", "stream_options"]
+# Per route: a valid body, and the fields that get any value at all (the rest of the body stays valid,
+# so the fields read after the first check are reached too).
+ROUTES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "/v1/chat/completions": ({"model": "ok", "messages": HELLO}, [
+        *_COMMON, "messages", "max_tokens", "max_completion_tokens", "n", "stop", "response_format", "logit_bias",
+        "seed", "logprobs", "top_logprobs", "functions", "user", "reasoning_effort"]),
+    "/v1/responses": ({"model": "ok", "input": "hi"}, [
+        *_COMMON, "input", "instructions", "max_output_tokens", "text", "reasoning", "parallel_tool_calls",
+        "previous_response_id", "user", "seed"]),
+    "/v1/messages": ({"model": "ok", "max_tokens": 5, "messages": HELLO}, [
+        *_COMMON, "messages", "max_tokens", "system", "stop_sequences", "top_k"]),
+    "/v1/messages/count_tokens": ({"model": "ok", "messages": HELLO}, [*_COMMON, "messages", "system"]),
+    "/v1/embeddings": ({"model": "emb-ok", "input": "hi"}, [
+        "model", "input", "encoding_format", "dimensions", "user", "timeout", "headers"]),
+}
+
+
+def _bodies_for(path: str) -> st.SearchStrategy[dict[str, Any]]:
+    base, names = ROUTES[path]
+    garbage = st.dictionaries(st.sampled_from(names), _GARBAGE, min_size=1, max_size=3)
+    return garbage.map(lambda fields: {**base, **fields})
+
+
+_RAW_BODIES = st.sampled_from([
+    b"", b"null", b"[]", b'"x"', b"1e999", b'{"model": NaN}', b'{"messages": [Infinity]}', b"{" * 2000,
+    b"[" * 300 + b"]" * 300, b'{"model": "ok", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "ok\x00", "messages": []}', b"\xff\xfe{}", b'{"a": 1, "a": 2}', b"\x00" * 8,
+    b'{"model": "ok", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 123456789012345678901234}',
+]) | st.binary(max_size=40)
+
+
+def _deep(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"a": [value]}
+    return value
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_value_at_any_field_gets_a_typed_error_never_a_500(served: _Served, path: str,
+                                                               data: st.DataObject) -> None:
+    body = data.draw(_bodies_for(path) | _JSON, label="body")
+    answer = _post(served, path, body)
+    assert answer.status in (200, 400, 501), answer.raw[:600]
+
+
+HOSTILE: list[Any] = [
+    None, True, 0, 5, -1, 2**64 - 1, 1.5, 1e308, "", "x", "5", "NaN", "\x00", [], [5], ["x"], [None], [{}], [[{}]],
+    [{"text": 5}], [{"type": "text", "text": 5}], [{"type": "tool_result", "content": [{"type": "text", "text": 5}]}],
+    [{"type": 5}], [{"type": "function"}], {}, {"type": 5}, {"text": 5}, {"type": "function", "name": 5},
+    {"a": {"b": [None]}},
+]
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+def test_each_hostile_value_at_each_field_gets_a_typed_error_never_a_500(served: _Served, path: str) -> None:
+    base, names = ROUTES[path]
+    for name in names:
+        for value in HOSTILE:
+            answer = _post(served, path, {**base, name: value})
+            assert answer.status in (200, 400, 501), (name, value, answer.raw[:600])
+
+
+@settings(max_examples=60, deadline=None)
+@given(path=st.sampled_from(sorted(ROUTES)), body=_RAW_BODIES)
+def test_bodies_that_are_not_json_objects_are_a_400(served: _Served, path: str, body: bytes) -> None:
+    answer = _post(served, path, body)
+    assert answer.status in (400, 501), answer.raw[:600]
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+@pytest.mark.parametrize("depth", [100, 200, 300, 600])
+def test_deeply_nested_fields_are_a_400_or_an_answer(served: _Served, path: str, depth: int) -> None:
+    deep = _deep(depth // 2)
+    for field in ("messages", "input", "metadata", "tools", "text", "system", "reasoning", "response_format"):
+        body = {"model": "ok", "messages": HELLO, "input": "hi", "max_tokens": 5, field: deep}
+        answer = _post(served, path, body)
+        assert answer.status in (200, 400, 501), answer.raw[:600]
+    body = {"model": "ok", "messages": [{"role": "user", "content": [{"type": "tool_result", "content": deep}]}]}
+    assert _post(served, path, body).status in (200, 400, 501)
+
+
+# -- what the fuzzing found, one example each --------------------------------------------------------
+
+
+def _error(answer: Answer) -> dict[str, Any]:
+    error: dict[str, Any] = answer.json()["error"]
+    return error
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"system": [{"type": "text", "text": 1}]}, "system[0].text must be a string, got number"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [{"type": "text", "text": {}}]}]}]},
+     "messages[0].content[0].content[0].text must be a string, got object"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "messages[0].content[0].text must be a string, got null"),
+    ({"tools": 5}, "field 'tools' must be an array, got number"),
+    ({"stream": "false"}, "field 'stream' must be a boolean, got string"),
+    ({"temperature": "hot"}, "field 'temperature' must be a number, got string"),
+], ids=["system-text", "tool-result-text", "block-text", "tools", "stream", "temperature"])
+def test_messages_fields_of_the_wrong_type_are_a_400_naming_them(served: _Served, body: dict[str, Any],
+                                                                 message: str) -> None:
+    answer = _post(served, "/v1/messages", {"model": "ok", "max_tokens": 5, "messages": HELLO, **body})
+    assert answer.status == 400
+    assert answer.json()["error"] == {"type": "invalid_request_error", "message": message}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"stream": "yes"}, "field 'stream' must be a boolean, got string"),
+    ({"text": 5}, "field 'text' must be an object, got number"),
+    ({"reasoning": "high"}, "field 'reasoning' must be an object, got string"),
+    ({"text": {"format": {"type": "text"}, "x": _deep(150)}}, "field 'text' cannot be encoded again: "),
+    ({"tools": [{"type": "function", "name": "f", "x": _deep(150)}]}, "field 'tools' cannot be encoded again: "),
+], ids=["stream", "text", "reasoning", "deep-text", "deep-tool"])
+def test_responses_fields_of_the_wrong_type_or_too_deep_to_echo_are_a_400(served: _Served, body: dict[str, Any],
+                                                                         message: str) -> None:
+    answer = _post(served, "/v1/responses", {"model": "ok", "input": "hi", **body})
+    assert answer.status == 400 and _error(answer)["message"].startswith(message), answer.raw[:600]
+
+
+def test_embeddings_too_deep_to_send_on_are_a_400_naming_the_field(served: _Served) -> None:
+    answer = _post(served, "/v1/embeddings", {"model": "emb-ok", "input": "hi", "user": _deep(150)})
+    assert answer.status == 400 and _error(answer)["param"] == "user"
+    assert _error(answer)["message"].startswith("field 'user' cannot be encoded again: ")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_garbled_upstream_usage_is_reported_as_zero_tokens_not_a_500(served: _Served, stream: bool) -> None:
+    answer = _post(served, "/v1/responses", {"model": "bad-usage", "input": "hi", "stream": stream})
+    assert answer.status == 200
+    if stream:
+        assert b'"input_tokens":0,"input_tokens_details":{"cached_tokens":0},"output_tokens":0' in answer.body
+    else:
+        assert answer.json()["usage"]["input_tokens"] == 0 and answer.json()["usage"]["total_tokens"] == 0
+    answer = _post(served, "/v1/messages", {"model": "bad-usage", "max_tokens": 5, "messages": HELLO})
+    assert answer.json()["usage"] == {"input_tokens": 0, "output_tokens": 0}
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_embeddings_of_a_model_group_come_from_its_first_target(served: _Served, encoding: str) -> None:
+    answer = _post(served, "/v1/embeddings", {"model": "emb-ok", "input": "hi", "encoding_format": encoding})
+    assert answer.status == 200 and answer.json()["model"] == "emb-ok"
+    expected = [0.5, 0.25] if encoding == "float" else "AAAAPwAAgD4="
+    assert answer.json()["data"][0]["embedding"] == expected
+
+
+@pytest.mark.parametrize("model", ["emb-ragged", "emb-strings", "emb-mixed", "emb-words"])
+def test_embeddings_that_are_not_numbers_are_a_502_saying_so(served: _Served, model: str) -> None:
+    answer = _post(served, "/v1/embeddings", {"model": model, "input": "hi"})
+    assert answer.status == 502
+    assert _error(answer) == {"message": "up answered an embedding that is not a list of numbers (nor of equally long "
+                                         "lists of numbers)", "type": "upstream_error", "param": None, "code": None}
