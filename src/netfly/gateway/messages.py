@@ -14,7 +14,7 @@ from typing import Any
 from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
-from .schema import NUMBER, ChatCall, Kind, expect_type, json_type, load_object
+from .schema import NUMBER, ChatCall, Kind, encoded, expect_type, json_type, load_object
 from .usage import reported_tokens
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -100,7 +100,7 @@ def _add_block(block: Any, where: str, parts: list[dict[str, Any]], calls: list[
     elif kind == "image":
         parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}})
     elif kind == "tool_use":
-        arguments = _json.dumps(block.get("input") or {}).decode()
+        arguments = encoded(block.get("input") or {}, f"{where}.input").decode()
         calls.append({"id": block.get("id"), "type": "function",
                       "function": {"name": block.get("name"), "arguments": arguments}})
     elif kind == "tool_result":

@@ -16,7 +16,7 @@ from typing import Any
 from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
-from .schema import NUMBER, ChatCall, Kind, check_encodable, expect_type, json_type, load_object
+from .schema import NUMBER, ChatCall, Kind, check_encodable, encoded, expect_type, json_type, load_object
 from .usage import reported_tokens
 
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "seed")
@@ -99,7 +99,7 @@ def _add_item(messages: list[dict[str, Any]], item: Mapping[str, Any], where: st
     elif kind == "function_call_output":
         output = item.get("output")
         messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                         "content": output if isinstance(output, str) else _json.dumps(output).decode()})
+                         "content": output if isinstance(output, str) else encoded(output, f"{where}.output").decode()})
     elif kind != "reasoning":  # earlier reasoning is not sent back to a chat model
         raise GatewayError(400, f"{where}.type {kind!r} is not supported (message, function_call, "
                                 "function_call_output, reasoning)", param=f"{where}.type")

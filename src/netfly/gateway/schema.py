@@ -61,13 +61,18 @@ def load_object(raw: bytes) -> dict[str, Any]:
 
 
 def check_encodable(body: Mapping[str, Any], names: Iterable[str]) -> None:
-    """400 naming the first of ``names`` whose value cannot be encoded again: nested deeper than the
-    encoder goes (the parser allows more)."""
+    """400 naming the first of ``names`` whose value cannot be encoded again."""
     for name in names:
-        try:
-            _json.dumps(body.get(name))
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise GatewayError(400, f"field {name!r} cannot be encoded again: {exc}", param=name) from None
+        encoded(body.get(name), name)
+
+
+def encoded(value: Any, name: str) -> bytes:
+    """``value`` as JSON, or a 400 naming field ``name``: it is nested deeper than the encoder goes
+    (the parser allows more)."""
+    try:
+        return _json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise GatewayError(400, f"field {name!r} cannot be encoded again: {exc}", param=name) from None
 
 
 def expect_type(body: Mapping[str, Any], name: str, kind: Kind) -> None:
