@@ -78,6 +78,10 @@ async def _gzip_garbage(request: web.Request, body: dict[str, Any]) -> web.Strea
                                                                   "Content-Encoding": "gzip"})
 
 
+async def _key_redirect(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    return web.Response(status=307, headers={"Location": f"http://127.0.0.1:9/v1?key={UPSTREAM_KEY}"})
+
+
 _GOOD = (chunk(role="assistant"), chunk("ok"), chunk(finish="stop"), chunk(choices=False, usage=USAGE), "[DONE]")
 _KEY_IN_STREAM = {"error": {"message": f"upstream says {UPSTREAM_KEY}", "type": "server_error"}}
 CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
@@ -110,6 +114,10 @@ CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
                         content_type="text/event-stream; raw"),
     "bad-gzip": _gzip_garbage,
     "redirect-nowhere": _events(b"", status=302, content_type="text/plain"),
+    "key-escaped": _events(('{"error": {"message": "k=' + "".join(f"\\u{ord(c):04x}" for c in UPSTREAM_KEY)
+                            + '", "type": "x"}}').encode(), status=400, content_type="application/json"),
+    "key-redirect": _key_redirect,
+    "key-in-bad-chunk": _events(chunk("ok"), f"{{not json {UPSTREAM_KEY}", "[DONE]"),
     "key-400": _echo_key(400),
     "key-401": _echo_key(401),
     "key-429": _echo_key(429),
@@ -184,7 +192,8 @@ async def _start_pair(path: Path) -> tuple[list[Runner | web.AppRunner], int]:
     await upstream.setup()
     await web.TCPSite(upstream, "127.0.0.1", 0).start()
     path.write_text(_config(f"http://127.0.0.1:{upstream.addresses[0][1]}/v1"))
-    gateway = await start(create_app(operations=Operations.from_file(path)), "127.0.0.1", 0)
+    # The JSON request log: one more place a key or a secret could show up.
+    gateway = await start(create_app(operations=Operations.from_file(path, log_format="json")), "127.0.0.1", 0)
     return [gateway, upstream], bound_port(gateway)
 
 
@@ -351,7 +360,8 @@ def _bodies(model: str, stream: bool) -> dict[str, dict[str, Any]]:
 # is, by design) or comes after the stream started (then an in-band error event), else 502.
 EXPECTED = {"ok": (200, 200), "bad-json": (200, 200), "truncated-stream": (200, 200), "bad-usage": (200, 200),
             "usage-not-object": (200, 200), "bad-tool-calls": (200, 200), "key-in-stream": (502, 200),
-            "odd-errors": (502, 200), "odd-deltas": (200, 200), "bad-utf8": (200, 200)}
+            "odd-errors": (502, 200), "odd-deltas": (200, 200), "bad-utf8": (200, 200),
+            "key-in-bad-chunk": (200, 200)}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
