@@ -36,7 +36,8 @@ UPSTREAM_KEY = "sk-upstream-fuzz-7f3a9c41d2e5"
 CLIENT_KEY = "nf-client-fuzz-55d1c0"
 ADMIN_KEY = "nf-admin-fuzz-9e0a7b"
 METRICS_TOKEN = "metrics-fuzz-1b2c3d"
-SECRETS = (UPSTREAM_KEY, CLIENT_KEY, ADMIN_KEY, METRICS_TOKEN)
+LIMITED_KEY = "nf-limited-fuzz-4a8e21"  # 1,000 tokens a minute
+SECRETS = (UPSTREAM_KEY, CLIENT_KEY, ADMIN_KEY, METRICS_TOKEN, LIMITED_KEY)
 HELLO = [{"role": "user", "content": "hi"}]
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 UpstreamHandler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
@@ -178,7 +179,8 @@ def _config(upstream_url: str) -> str:
     lines = [f'[providers.up]\nurl = "{upstream_url}"\napi_key = "${{FUZZ_UPSTREAM_KEY}}"\nretries = 1\n',
              '[server]\nmetrics_token_env = "FUZZ_METRICS_TOKEN"\n',
              f'[keys.client]\nsha256 = "{_digest(CLIENT_KEY)}"\n',
-             f'[keys.ops]\nsha256 = "{_digest(ADMIN_KEY)}"\nadmin = true\n']
+             f'[keys.ops]\nsha256 = "{_digest(ADMIN_KEY)}"\nadmin = true\n',
+             f'[keys.limited]\nsha256 = "{_digest(LIMITED_KEY)}"\ntpm = 1000\n']
     # cooldown 0: no breaker opens, so every request reaches the upstream's garbage
     lines += [f'[models."{name}"]\ntargets = [{{ provider = "up", model = "{name}" }}]\ncooldown = 0\n'
               for name in models]
@@ -659,3 +661,14 @@ def test_the_library_names_a_field_nested_too_deep_to_send() -> None:
     with pytest.raises(ConfigurationError, match=r"^request field 'x' is not JSON-serialisable: Recursion") as info:
         provider.stream("m", HELLO, extra_body={"x": deep})
     assert info.value.param == "x"
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_tokens"),
+                                             ("/v1/chat/completions", "max_completion_tokens"),
+                                             ("/v1/responses", "max_output_tokens"), ("/v1/messages", "max_tokens")])
+def test_a_negative_token_cap_does_not_lock_the_key_out(served: _Served, path: str, field: str) -> None:
+    # Charged as a negative number of tokens, its correction at the end left the key 10**18 tokens in debt.
+    _post(served, path, {**ROUTES[path][0], field: -10**18}, key=LIMITED_KEY)
+    answer = _post(served, path, ROUTES[path][0], key=LIMITED_KEY)
+    assert answer.status == 200, answer.raw[:600]
+    assert int(answer.headers["x-ratelimit-remaining-tokens"]) > 900
