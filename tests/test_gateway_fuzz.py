@@ -114,6 +114,11 @@ CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
     "bad-utf8": _events(b'data: {"choices": [{"index": 0, "delta": {"content": "\xff\xfe"}}]}\n\n',
                         content_type="text/event-stream; raw"),
     "bad-gzip": _gzip_garbage,
+    "named-error-event": _events(b"event: error\ndata: upstream exploded\n\n", content_type="text/event-stream; raw"),
+    "odd-fields": _events(b"\xef\xbb\xbfretry: abc\nid: \x00\ndata:\n\n: ping\n\nevent: \xff\ndata: [DONE]\n\n",
+                          content_type="text/event-stream; raw"),
+    "cr-only": _events(sse(*_GOOD[:-1]).replace(b"\n", b"\r"), content_type="text/event-stream; raw"),
+    "ndjson": _events(b"\n".join(json.dumps(c).encode() for c in _GOOD[:-1]), content_type="application/x-ndjson"),
     "redirect-nowhere": _events(b"", status=302, content_type="text/plain"),
     "key-escaped": _events(('{"error": {"message": "k=' + "".join(f"\\u{ord(c):04x}" for c in UPSTREAM_KEY)
                             + '", "type": "x"}}').encode(), status=400, content_type="application/json"),
@@ -366,7 +371,7 @@ def _bodies(model: str, stream: bool) -> dict[str, dict[str, Any]]:
 EXPECTED = {"ok": (200, 200), "bad-json": (200, 200), "truncated-stream": (200, 200), "bad-usage": (200, 200),
             "usage-not-object": (200, 200), "bad-tool-calls": (200, 200), "key-in-stream": (502, 200),
             "odd-errors": (502, 200), "odd-deltas": (200, 200), "bad-utf8": (200, 200),
-            "key-in-bad-chunk": (200, 200)}
+            "key-in-bad-chunk": (200, 200), "odd-fields": (200, 200), "cr-only": (200, 200), "ndjson": (200, 200)}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
