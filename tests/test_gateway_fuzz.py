@@ -114,6 +114,15 @@ CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
     "bad-utf8": _events(b'data: {"choices": [{"index": 0, "delta": {"content": "\xff\xfe"}}]}\n\n',
                         content_type="text/event-stream; raw"),
     "bad-gzip": _gzip_garbage,
+    "odd-finish": _events(chunk("ok"), {**chunk(), "choices": [{"index": 0, "delta": {}, "finish_reason": {"a": 1}}]},
+                          "[DONE]"),
+    "list-finish": _events(chunk("ok"), {**chunk(), "choices": [{"index": 0, "delta": {}, "finish_reason": ["x"]}]},
+                           "[DONE]"),
+    "odd-logprobs": _events({**chunk(), "choices": [{"index": 0, "delta": {"content": "ok"}, "logprobs": {
+        "content": [{"token": 5, "logprob": "x", "top_logprobs": "y"}, "z"]}}]}, chunk(finish="stop"), "[DONE]"),
+    "odd-reasoning": _events(chunk(role="assistant"), {**chunk(), "choices": [{"index": 0, "delta": {
+        "reasoning_content": ["a"], "reasoning": {"x": 1}, "refusal": ["r"], "audio": 5}}]}, chunk(finish="stop"),
+        "[DONE]"),
     "named-error-event": _events(b"event: error\ndata: upstream exploded\n\n", content_type="text/event-stream; raw"),
     "odd-fields": _events(b"\xef\xbb\xbfretry: abc\nid: \x00\ndata:\n\n: ping\n\nevent: \xff\ndata: [DONE]\n\n",
                           content_type="text/event-stream; raw"),
@@ -371,7 +380,8 @@ def _bodies(model: str, stream: bool) -> dict[str, dict[str, Any]]:
 EXPECTED = {"ok": (200, 200), "bad-json": (200, 200), "truncated-stream": (200, 200), "bad-usage": (200, 200),
             "usage-not-object": (200, 200), "bad-tool-calls": (200, 200), "key-in-stream": (502, 200),
             "odd-errors": (502, 200), "odd-deltas": (200, 200), "bad-utf8": (200, 200),
-            "key-in-bad-chunk": (200, 200), "odd-fields": (200, 200), "cr-only": (200, 200), "ndjson": (200, 200)}
+            "key-in-bad-chunk": (200, 200), "odd-fields": (200, 200), "cr-only": (200, 200), "ndjson": (200, 200),
+            "odd-finish": (200, 200), "list-finish": (200, 200), "odd-logprobs": (200, 200), "odd-reasoning": (200, 200)}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
