@@ -83,6 +83,13 @@ async def _key_redirect(request: web.Request, body: dict[str, Any]) -> web.Strea
     return web.Response(status=307, headers={"Location": f"http://127.0.0.1:9/v1?key={UPSTREAM_KEY}"})
 
 
+SCRIPT: dict[str, bytes] = {"body": b"", "type": b"text/event-stream"}  # what "scripted" answers, set by a test
+
+
+async def _scripted(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    return web.Response(body=SCRIPT["body"], headers={"Content-Type": SCRIPT["type"].decode()})
+
+
 _GOOD = (chunk(role="assistant"), chunk("ok"), chunk(finish="stop"), chunk(choices=False, usage=USAGE), "[DONE]")
 _KEY_IN_STREAM = {"error": {"message": f"upstream says {UPSTREAM_KEY}", "type": "server_error"}}
 CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
@@ -114,6 +121,7 @@ CHAT_BEHAVIOURS: dict[str, UpstreamHandler] = {
     "bad-utf8": _events(b'data: {"choices": [{"index": 0, "delta": {"content": "\xff\xfe"}}]}\n\n',
                         content_type="text/event-stream; raw"),
     "bad-gzip": _gzip_garbage,
+    "scripted": _scripted,
     "odd-finish": _events(chunk("ok"), {**chunk(), "choices": [{"index": 0, "delta": {}, "finish_reason": {"a": 1}}]},
                           "[DONE]"),
     "list-finish": _events(chunk("ok"), {**chunk(), "choices": [{"index": 0, "delta": {}, "finish_reason": ["x"]}]},
@@ -381,11 +389,12 @@ EXPECTED = {"ok": (200, 200), "bad-json": (200, 200), "truncated-stream": (200, 
             "usage-not-object": (200, 200), "bad-tool-calls": (200, 200), "key-in-stream": (502, 200),
             "odd-errors": (502, 200), "odd-deltas": (200, 200), "bad-utf8": (200, 200),
             "key-in-bad-chunk": (200, 200), "odd-fields": (200, 200), "cr-only": (200, 200), "ndjson": (200, 200),
-            "odd-finish": (200, 200), "list-finish": (200, 200), "odd-logprobs": (200, 200), "odd-reasoning": (200, 200)}
+            "odd-finish": (200, 200), "list-finish": (200, 200), "odd-logprobs": (200, 200),
+            "odd-reasoning": (200, 200)}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-@pytest.mark.parametrize("model", sorted(CHAT_BEHAVIOURS))
+@pytest.mark.parametrize("model", sorted(set(CHAT_BEHAVIOURS) - {"scripted"}))
 def test_an_upstream_answering_garbage_gets_the_client_a_clean_answer(served: _Served, model: str,
                                                                        stream: bool) -> None:
     for path, body in _bodies(model, stream).items():
@@ -695,3 +704,34 @@ def test_a_negative_token_cap_does_not_lock_the_key_out(served: _Served, path: s
     answer = _post(served, path, ROUTES[path][0], key=LIMITED_KEY)
     assert answer.status == 200, answer.raw[:600]
     assert int(answer.headers["x-ratelimit-remaining-tokens"]) > 900
+
+
+# -- an upstream answering generated garbage ----------------------------------------------------------
+
+_DELTA = st.fixed_dictionaries({}, optional={
+    "role": st.just("assistant") | _JSON, "content": st.text(max_size=5) | _JSON, "reasoning_content": _JSON,
+    "refusal": _JSON, "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
+        "index": st.integers(-1, 3) | _JSON, "id": _JSON, "type": _JSON,
+        "function": st.fixed_dictionaries({}, optional={"name": _JSON, "arguments": st.text(max_size=5) | _JSON})}),
+        max_size=2) | _JSON})
+_CHOICE = st.fixed_dictionaries({"index": st.just(0) | _JSON, "delta": _DELTA | _JSON}, optional={
+    "finish_reason": st.sampled_from(["stop", "length", "tool_calls", "content_filter", None]) | _JSON,
+    "logprobs": _JSON, "message": _DELTA})
+_CHUNK = st.fixed_dictionaries({"choices": st.lists(_CHOICE, max_size=2) | _JSON}, optional={
+    "id": _JSON, "model": _JSON, "object": _JSON, "error": _JSON,
+    "usage": st.fixed_dictionaries({}, optional={n: _JSON for n in (
+        "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details")}) | _JSON})
+_EVENT = _CHUNK.map(lambda c: json.dumps(c).encode()) | st.sampled_from([b"[DONE]", b"{", b"", b"null", b"[]"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.lists(_EVENT, max_size=5), as_json=st.booleans())
+def test_generated_upstream_answers_reach_every_api_cleanly(served: _Served, events: list[bytes],
+                                                            as_json: bool) -> None:
+    if as_json:  # one whole chat.completion-like object instead of a stream
+        SCRIPT.update(body=events[0] if events else b"{}", type=b"application/json")
+    else:
+        SCRIPT.update(body=b"".join(b"data: " + event + b"\n\n" for event in events), type=b"text/event-stream")
+    for stream in (False, True):
+        for path, body in _bodies("scripted", stream).items():
+            assert _post(served, path, body).status in (200, 502)
