@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +31,7 @@ from netfly.gateway import bound_port, create_app, start
 from netfly.gateway.operations import Operations
 from netfly.gateway.server import Runner
 
-from .conftest import chunk, sse
+from .conftest import TOKEN, Gateway, ScriptedServer, chunk, sse
 
 UPSTREAM_KEY = "sk-upstream-fuzz-7f3a9c41d2e5"
 CLIENT_KEY = "nf-client-fuzz-55d1c0"
@@ -410,9 +411,27 @@ def test_an_upstream_answering_garbage_embeddings_is_a_502_not_a_500(served: _Se
     assert answer.status in (200, 502), answer.raw[:600]
 
 
-def test_the_model_list_survives_an_upstream_that_lists_garbage(served: _Served) -> None:
-    answer = Answer(_check(served, _exchange(served.port, _request(b"GET", b"/v1/models")), "/v1/models").raw)
-    assert answer.status == 200 and "ok" in {m["id"] for m in answer.json()["data"]}
+def test_the_model_list_names_the_groups(served: _Served) -> None:
+    answer = _check(served, _exchange(served.port, _request(b"GET", b"/v1/models")), "/v1/models")
+    assert answer.status == 200 and {m["id"] for m in answer.json()["data"]} == set(CHAT_BEHAVIOURS) | set(
+        EMBEDDING_BEHAVIOURS)
+
+
+@pytest.mark.parametrize("listing", [b'{"data": [{"id": 5}, "x"', b'{"data": {"id": "m"}}', b"[1]",
+                                     b'{"data": [{"id": 5}, "x", {"id": null}, {"id": "m"}]}'])
+async def test_the_model_list_survives_an_upstream_that_lists_garbage(
+        scripted: Callable[..., Awaitable[ScriptedServer]], gateway: Callable[..., Awaitable[Gateway]],
+        listing: bytes) -> None:
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=listing, content_type="application/json")
+
+    upstream = await scripted(models)
+    served = await gateway(upstream.provider(OpenAICompatible))  # no models declared: the upstream is asked
+    async with aiohttp.ClientSession() as session, session.get(
+            served.base_url + "/models", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 200
+        bare = [model["id"] for model in (await response.json())["data"] if "/" not in model["id"]]
+    assert bare == (["5", "m"] if listing.endswith(b"]}") else ["default"])  # else: the default model stands in
 
 
 # -- hostile client requests ----------------------------------------------------------------------
