@@ -344,8 +344,7 @@ def _check(served: _Served, raw: bytes, path: str, method: bytes = b"POST") -> A
 def _check_error_shape(answer: Answer, path: str) -> None:
     assert answer.headers.get("content-type", "").startswith("application/json"), answer.raw[:600]
     body = answer.json()
-    # A head the server cannot parse is refused before any route is known (no request id): OpenAI's shape.
-    if path.startswith("/v1/messages") and "x-request-id" in answer.headers:
+    if path.startswith("/v1/messages"):
         assert body["type"] == "error" and isinstance(body["error"]["type"], str), body
     else:
         assert set(body) == {"error"} and isinstance(body["error"]["type"], str), body
@@ -680,8 +679,10 @@ def test_odd_requests_to_any_route_never_get_a_500_a_leak_or_a_hang(
         head += auth + b"\r\n"
     short = framing in ("cut-short", "huge-chunk")  # a body shorter than announced
     raw = _exchange(served.port, head + _framed(json.dumps(base).encode(), framing), half_close=short)
+    # A request line the parser refuses (an unknown method, a byte no URL has) names no API: OpenAI's shape.
+    line_read = method in (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE") and query.isascii()
     if raw or not short:  # a body cut short may get no answer: the connection closes
-        _check(served, raw, path, method)
+        _check(served, raw, path if line_read else "", method)
     else:
         _check_logs(served)
 
@@ -754,3 +755,15 @@ def test_generated_upstream_answers_reach_every_api_cleanly(served: _Served, eve
     for stream in (False, True):
         for path, body in _bodies("scripted", stream).items():
             assert _post(served, path, body).status in (200, 502)
+
+
+@pytest.mark.parametrize(("path", "anthropic"), [("/v1/messages", True), ("/v1/messages/count_tokens", True),
+                                                 ("/v1/chat/completions", False)])
+def test_a_head_refused_before_any_handler_has_the_error_shape_of_its_api(served: _Served, path: str,
+                                                                         anthropic: bool) -> None:
+    raw = _exchange(served.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                    b"Content-Length: 3\r\n\r\n{}")
+    error = {"message": "malformed HTTP request: Duplicate Content-Length", "type": "invalid_request_error"}
+    shape = {"type": "error", "error": error} if anthropic else {"error": {
+        **error, "param": None, "code": "malformed_request"}}
+    assert _check(served, raw, path).json() == shape
