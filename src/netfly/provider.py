@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import os
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import aclosing
@@ -431,14 +430,17 @@ def _is_method(cls: type, name: str) -> bool:
     return isinstance(declared, (classmethod, staticmethod, property, FunctionType))
 
 
+_UNENCODABLE = (TypeError, ValueError, RecursionError)  # a type JSON lacks; nesting deeper than the encoder goes
+
+
 def _serialise(body: dict[str, Any]) -> bytes:
     try:
         return _json.dumps(body)
-    except (TypeError, ValueError):
+    except _UNENCODABLE:
         pass
     for key, value in body.items():  # find the field to name in the error
         try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
+            _json.dumps(value)
+        except _UNENCODABLE as exc:
             raise ConfigurationError(f"request field {key!r} is not JSON-serialisable: {exc}", param=key) from None
     raise ConfigurationError("request body is not JSON-serialisable")

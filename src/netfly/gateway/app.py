@@ -371,6 +371,7 @@ def create_app(
     operations.install(app, gateway, request_id=_request_id.get,
                        metrics_route=server is None or (server.metrics and server.metrics_port is None))
     app.state[GATEWAY] = gateway
+    app.error_shape = error_shape
     app.on_response_prepare.append(gateway.on_prepare)
     _add_api_routes(app, gateway)
     pages.install(app, gateway)
@@ -420,9 +421,12 @@ def _router(
 
 def _error_answer(request: Request, info: ErrorInfo, extra: Mapping[str, str] | None = None) -> Response:
     headers = {**info.headers(), **extra} if extra else info.headers()
-    if request.path.startswith("/v1/messages"):  # the Anthropic API's clients expect its error shape
-        return json_response(anthropic_error(info), status=info.status, headers=headers)
-    return json_response(info.body(), status=info.status, headers=headers)
+    return json_response(error_shape(request.path, info), status=info.status, headers=headers)
+
+
+def error_shape(path: str, info: ErrorInfo) -> dict[str, Any]:
+    """The error object the clients of ``path`` expect: Anthropic's on its Messages API, else OpenAI's."""
+    return anthropic_error(info) if path.startswith("/v1/messages") else info.body()
 
 
 def _call_options(

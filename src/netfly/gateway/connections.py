@@ -62,9 +62,10 @@ class RequestBodyTimeout(GatewayError):
         super().__init__(408, f"request body not received within {seconds:g} s", code="request_timeout")
 
 
-def raw_response(info: ErrorInfo) -> bytes:
-    """A whole HTTP/1.1 answer that closes the connection, for a request no handler sees."""
-    body = _json.dumps(info.body())
+def raw_response(info: ErrorInfo, error: dict[str, Any] | None = None) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, for a request no handler sees; ``error``:
+    its JSON body (default: OpenAI's error object)."""
+    body = _json.dumps(info.body() if error is None else error)
     head = [f"HTTP/1.1 {info.status} {HTTPStatus(info.status).phrase}", "Content-Type: application/json",
             f"Content-Length: {len(body)}", date_line().rstrip(), "Connection: close"]
     head += [f"{name}: {value}" for name, value in info.headers().items()]

@@ -14,9 +14,10 @@ from typing import Any
 from .. import _json
 from ..provider import Provider
 from ..providers.local import Local
+from ..routing import RoutedProvider
 from ..transport import fetch_json
 from .errors import GatewayError
-from .schema import expect_type, load_object
+from .schema import check_encodable, expect_type, load_object
 
 
 def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
@@ -25,12 +26,14 @@ def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
     value = body.get("input")
     if not value or not (isinstance(value, str) or isinstance(value, list)):
         raise GatewayError(400, "field 'input' must be a non-empty string or array", param="input")
+    check_encodable(body, body)  # all of it goes to the upstream
     return body
 
 
 async def relay_embeddings(provider: type[Provider], model: str, public_id: str, body: dict[str, Any],
                            timeout: Any = None) -> dict[str, Any]:
     """The provider's embeddings for ``body`` (its ``model`` replaced by the resolved name)."""
+    provider, model = _serving(provider, model)
     if issubclass(provider, Local):
         await provider.start()  # the child serves embeddings too; it starts on the first use
     url = provider.endpoint_url().replace("/chat/completions", "/embeddings")
@@ -47,17 +50,30 @@ async def relay_embeddings(provider: type[Provider], model: str, public_id: str,
         raise GatewayError(502, f"{provider.name()} answered embeddings without a 'data' list",
                            type="upstream_error")
     as_base64 = body.get("encoding_format") == "base64"
-    return {**reply, "model": public_id, "data": [_flat(item, as_base64) for item in data]}
+    return {**reply, "model": public_id, "data": [_flat(item, as_base64, provider.name()) for item in data]}
 
 
-def _flat(item: Any, as_base64: bool) -> Any:
+def _serving(provider: type[Provider], model: str) -> tuple[type[Provider], str]:
+    """The provider and model that answer: a model group's first target (groups route chat calls only)."""
+    if issubclass(provider, RoutedProvider) and provider.providers:
+        target = provider.providers[0]
+        return target, target.get_model(None)
+    return provider, model
+
+
+def _flat(item: Any, as_base64: bool, name: str) -> Any:
     vector = item.get("embedding") if isinstance(item, dict) else None
     if not isinstance(vector, list):
         return item
-    if vector and isinstance(vector[0], list):
-        vector = mean_pool(vector)
+    try:
+        if vector and isinstance(vector[0], list):
+            vector = mean_pool(vector)
+        packed = array.array("f" if as_base64 else "d", vector)  # in C: every element a number, or TypeError
+    except (TypeError, ValueError, OverflowError):
+        raise GatewayError(502, f"{name} answered an embedding that is not a list of numbers (nor of equally "
+                                "long lists of numbers)", type="upstream_error") from None
     if as_base64:  # OpenAI's base64 format: little-endian float32
-        return {**item, "embedding": base64.b64encode(array.array("f", vector).tobytes()).decode("ascii")}
+        return {**item, "embedding": base64.b64encode(packed.tobytes()).decode("ascii")}
     return {**item, "embedding": vector}
 
 

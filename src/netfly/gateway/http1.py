@@ -406,8 +406,10 @@ class Connection(asyncio.Protocol):
 
     def _answer_fault(self, fault: _Refusal) -> None:
         info = ErrorInfo(fault.status, fault.message, "invalid_request_error", code=fault.code)
+        shape = self.app.error_shape
+        error = shape(self._url.decode("latin-1"), info) if shape is not None else None  # the target read so far
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(raw_response(info))
+            self.transport.write(raw_response(info, error))
         self.close()
 
     def _stop(self) -> None:

@@ -279,8 +279,16 @@ def estimate_tokens(messages: Sequence[Any], max_tokens: int | None) -> int:
     characters = 0
     for message in messages:  # a loop: usually one or two messages, for which a generator costs more
         if isinstance(message, dict):
-            characters += len(str(message.get("content") or "")) + 16
+            content = message.get("content") or ""
+            characters += (len(content) if isinstance(content, str) else _characters(content)) + 16
     return math.ceil(characters / 4) + (max_tokens or 0)
+
+
+def _characters(content: Any) -> int:
+    try:
+        return len(str(content))
+    except RecursionError:  # nested deeper than repr goes; such a request is refused further on (400)
+        return 0
 
 
 def _name(limit: str, key: ClientKey) -> str:

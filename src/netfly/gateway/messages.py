@@ -14,7 +14,8 @@ from typing import Any
 from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
-from .schema import ChatCall, expect_type, json_type, load_object
+from .schema import NUMBER, ChatCall, Kind, encoded, expect_type, json_type, load_object
+from .usage import reported_tokens
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
@@ -33,7 +34,7 @@ def anthropic_error(info: ErrorInfo) -> dict[str, Any]:
 
 def parse_messages_request(raw: bytes) -> ChatCall:
     body = load_object(raw)
-    for name, kind in (("model", str), ("max_tokens", int), ("messages", list), ("stop_sequences", list)):
+    for name, kind in _FIELD_KINDS:
         expect_type(body, name, kind)
     if not body.get("messages"):
         raise GatewayError(400, "field 'messages' is required and must not be empty", param="messages")
@@ -50,11 +51,18 @@ def parse_messages_request(raw: bytes) -> ChatCall:
     return ChatCall(body.get("model") or None, messages, bool(body.get("stream")), params, body)
 
 
+_FIELD_KINDS: tuple[tuple[str, Kind], ...] = (
+    ("model", str), ("max_tokens", int), ("messages", list), ("stop_sequences", list), ("tools", list),
+    ("stream", bool), ("temperature", NUMBER), ("top_p", NUMBER), ("top_k", int), ("metadata", dict),
+)
+
+
 def _system(system: Any) -> list[dict[str, Any]]:
     if not system:
         return []
     if isinstance(system, list):
-        system = "\n\n".join(block.get("text", "") for block in system if isinstance(block, Mapping))
+        system = "\n\n".join(_text(block, f"system[{i}]") for i, block in enumerate(system)
+                             if isinstance(block, Mapping))
     if not isinstance(system, str):
         raise GatewayError(400, f"field 'system' must be a string or an array of text blocks, got "
                                 f"{json_type(system)}", param="system")
@@ -88,16 +96,16 @@ def _add_block(block: Any, where: str, parts: list[dict[str, Any]], calls: list[
                results: list[dict[str, Any]]) -> None:
     kind = block.get("type") if isinstance(block, Mapping) else None
     if kind == "text":
-        parts.append({"type": "text", "text": block.get("text", "")})
+        parts.append({"type": "text", "text": _text(block, where)})
     elif kind == "image":
         parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), where)}})
     elif kind == "tool_use":
-        arguments = _json.dumps(block.get("input") or {}).decode()
+        arguments = encoded(block.get("input") or {}, f"{where}.input").decode()
         calls.append({"id": block.get("id"), "type": "function",
                       "function": {"name": block.get("name"), "arguments": arguments}})
     elif kind == "tool_result":
         results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                        "content": _result_text(block.get("content"))})
+                        "content": _result_text(block.get("content"), f"{where}.content")})
     elif kind not in ("thinking", "redacted_thinking"):  # earlier thinking is not sent back to a chat model
         raise GatewayError(400, f"{where}: block type {kind!r} is not supported (text, image, tool_use, "
                                 "tool_result, thinking)", param=where)
@@ -111,10 +119,19 @@ def _image_url(source: Any, where: str) -> str:
     raise GatewayError(400, f"{where}.source must be a base64 or url image source", param=f"{where}.source")
 
 
-def _result_text(content: Any) -> str:
+def _result_text(content: Any, where: str) -> str:
     if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, Mapping) and b.get("type") == "text")
+        return "".join(_text(block, f"{where}[{i}]") for i, block in enumerate(content)
+                       if isinstance(block, Mapping) and block.get("type") == "text")
     return content if isinstance(content, str) else ""
+
+
+def _text(block: Mapping[str, Any], where: str) -> str:
+    """A text block's text; 400 naming it when it is not a string."""
+    text = block.get("text", "")
+    if not isinstance(text, str):
+        raise GatewayError(400, f"{where}.text must be a string, got {json_type(text)}", param=f"{where}.text")
+    return text
 
 
 def _chat_tool(tool: Any, i: int) -> dict[str, Any]:
@@ -147,7 +164,8 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
 
 def anthropic_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     usage = usage or {}
-    return {"input_tokens": usage.get("prompt_tokens") or 0, "output_tokens": usage.get("completion_tokens") or 0}
+    return {"input_tokens": reported_tokens(usage, "prompt_tokens"),
+            "output_tokens": reported_tokens(usage, "completion_tokens")}
 
 
 class MessageBuilder:

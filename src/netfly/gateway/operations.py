@@ -226,9 +226,11 @@ class Operations:
             return
         # The admission writes its x-ratelimit-* headers straight into the response's.
         record.admission = admission = Admission(record.key, self.store, headers=record.rate_headers)
-        cap = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+        # Only a count can be a cap (``type``: a bool is no count): a negative one, charged, would
+        # leave the key in debt for ages.
+        cap = max_tokens if type(max_tokens) is int and max_tokens > 0 else 0
         try:
-            await admit(self.store, record.key, model, record.prompt_estimate() + (cap or 0), admission)
+            await admit(self.store, record.key, model, record.prompt_estimate() + cap, admission)
         except LimitExceeded as exc:
             self.metrics.rate_limited.labels(record.key.name, exc.limit).inc()
             raise

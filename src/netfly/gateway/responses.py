@@ -16,7 +16,8 @@ from typing import Any
 from .. import _ids, _json
 from ..events import ChatAccumulator, ChatResult, ChoiceDelta, Event
 from .errors import ErrorInfo, GatewayError
-from .schema import ChatCall, expect_type, json_type, load_object
+from .schema import NUMBER, ChatCall, Kind, check_encodable, encoded, expect_type, json_type, load_object
+from .usage import reported_tokens
 
 _PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "seed")
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -32,8 +33,9 @@ def parse_responses_request(raw: bytes) -> ChatCall:
                                 "send the whole conversation in 'input'", param="previous_response_id")
     if body.get("input") is None:
         raise GatewayError(400, "field 'input' is required", param="input")
-    expect_type(body, "instructions", str)
-    expect_type(body, "max_output_tokens", int)
+    for name, kind in _FIELD_KINDS:
+        expect_type(body, name, kind)
+    check_encodable(body, _ECHOED)
     messages = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     messages += _input_messages(body["input"])
     params: dict[str, Any] = {k: body[k] for k in _PASSED if body.get(k) is not None}
@@ -47,9 +49,14 @@ def parse_responses_request(raw: bytes) -> ChatCall:
     reasoning = body.get("reasoning")
     if isinstance(reasoning, Mapping) and reasoning.get("effort"):
         params["reasoning_effort"] = reasoning["effort"]
-    model = body.get("model")
-    expect_type(body, "model", str)
-    return ChatCall(model or None, messages, bool(body.get("stream")), params, body)
+    return ChatCall(body.get("model") or None, messages, bool(body.get("stream")), params, body)
+
+
+_FIELD_KINDS: tuple[tuple[str, Kind], ...] = (
+    ("model", str), ("instructions", str), ("max_output_tokens", int), ("stream", bool), ("temperature", NUMBER),
+    ("top_p", NUMBER), ("parallel_tool_calls", bool), ("text", dict), ("reasoning", dict), ("metadata", dict),
+)
+_ECHOED = ("reasoning", "text", "tool_choice", "tools", "metadata")  # in the response object as they came
 
 
 def _list(body: Mapping[str, Any], name: str) -> list[Any]:
@@ -92,7 +99,7 @@ def _add_item(messages: list[dict[str, Any]], item: Mapping[str, Any], where: st
     elif kind == "function_call_output":
         output = item.get("output")
         messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                         "content": output if isinstance(output, str) else _json.dumps(output).decode()})
+                         "content": output if isinstance(output, str) else encoded(output, f"{where}.output").decode()})
     elif kind != "reasoning":  # earlier reasoning is not sent back to a chat model
         raise GatewayError(400, f"{where}.type {kind!r} is not supported (message, function_call, "
                                 "function_call_output, reasoning)", param=f"{where}.type")
@@ -155,13 +162,13 @@ def response_usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Chat usage in the Responses shape."""
     if not usage:
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    prompt = reported_tokens(usage, "prompt_tokens")
+    completion = reported_tokens(usage, "completion_tokens")
+    cached = reported_tokens(usage, "prompt_tokens_details", "cached_tokens")
+    reasoning = reported_tokens(usage, "completion_tokens_details", "reasoning_tokens")
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": usage.get("total_tokens") or prompt + completion}
+            "total_tokens": reported_tokens(usage, "total_tokens") or prompt + completion}
 
 
 class ResponseBuilder:

@@ -7,7 +7,7 @@ type is known. Message contents are checked by the provider itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -60,17 +60,32 @@ def load_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def expect_type(body: Mapping[str, Any], name: str, kind: _Kind) -> None:
+def check_encodable(body: Mapping[str, Any], names: Iterable[str]) -> None:
+    """400 naming the first of ``names`` whose value cannot be encoded again."""
+    for name in names:
+        encoded(body.get(name), name)
+
+
+def encoded(value: Any, name: str) -> bytes:
+    """``value`` as JSON, or a 400 naming field ``name``: it is nested deeper than the encoder goes
+    (the parser allows more)."""
+    try:
+        return _json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise GatewayError(400, f"field {name!r} cannot be encoded again: {exc}", param=name) from None
+
+
+def expect_type(body: Mapping[str, Any], name: str, kind: Kind) -> None:
     """400 naming ``name`` when it is present, not null and not of ``kind`` (booleans are not numbers)."""
     value = body.get(name)
     if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
         raise GatewayError(400, f"field {name!r} must be {_KIND_NAMES[kind]}, got {json_type(value)}", param=name)
 
 
-_Kind: TypeAlias = "type | tuple[type, ...]"
-_NUMBER = (int, float)
-_KIND_NAMES: dict[_Kind, str] = {
-    str: "a string", int: "an integer", _NUMBER: "a number", list: "an array", dict: "an object", bool: "a boolean",
+Kind: TypeAlias = "type | tuple[type, ...]"
+NUMBER = (int, float)  # a JSON number: either
+_KIND_NAMES: dict[Kind, str] = {
+    str: "a string", int: "an integer", NUMBER: "a number", list: "an array", dict: "an object", bool: "a boolean",
 }
 
 
@@ -117,8 +132,8 @@ def _check_types(body: Mapping[str, Any]) -> None:
                                param=name)
 
 
-_FIELD_KINDS: dict[str, _Kind] = {
-    **dict.fromkeys(_NUMBERS, _NUMBER), **dict.fromkeys(_INTEGERS, int), **dict.fromkeys(_BOOLEANS, bool),
+_FIELD_KINDS: dict[str, Kind] = {
+    **dict.fromkeys(_NUMBERS, NUMBER), **dict.fromkeys(_INTEGERS, int), **dict.fromkeys(_BOOLEANS, bool),
     **dict.fromkeys(_STRINGS, str), **dict.fromkeys(_OBJECTS, dict), **dict.fromkeys(_ARRAYS, list),
 }
 # Fields of more than one shape: what they must be, and the test of it.

@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..stream import ChatStream
 from .keys import StateStore
 
-__all__ = ["TokenCount", "UsageBook", "count_tokens"]
+__all__ = ["TokenCount", "UsageBook", "count_tokens", "reported_tokens"]
 
 _PREFIX = "usage:"
 
@@ -37,6 +37,15 @@ def count_tokens(stream: ChatStream, prompt_estimate: Callable[[], int]) -> Toke
     if not text and stream.result is None:
         return TokenCount(0, 0, estimated=True)  # failed before any answer: nothing was produced
     return TokenCount(prompt_estimate(), math.ceil(len(text) / 4), estimated=True)
+
+
+def reported_tokens(usage: Mapping[str, Any], name: str, detail: str | None = None) -> int:
+    """``usage[name]`` (or ``usage[name][detail]``) when the upstream reported a count there, else 0: an
+    upstream's usage arrives as it was sent, whatever its fields hold."""
+    value = usage.get(name)
+    if detail is not None:
+        value = value.get(detail) if isinstance(value, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 @functools.lru_cache(maxsize=1024)  # asked once a request, of few keys and models

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from .. import _json
 
 if TYPE_CHECKING:
+    from .errors import ErrorInfo
     from .http1 import Connection
 
 __all__ = [
@@ -32,6 +33,7 @@ Handler = Callable[["Request"], Awaitable["StreamResponse"]]
 Middleware = Callable[["Request", Handler], Awaitable["StreamResponse"]]
 PrepareHook = Callable[["Request", "StreamResponse"], None]
 AppHook = Callable[["App"], Awaitable[None]]
+ErrorShape = Callable[[str, "ErrorInfo"], dict[str, Any]]  # (request path, error) -> the JSON error object
 
 REASONS = {status.value: status.phrase for status in HTTPStatus}
 JSON_TYPE = "application/json; charset=utf-8"
@@ -262,6 +264,8 @@ class App:
         self.on_shutdown: list[AppHook] = []
         self.on_cleanup: list[AppHook] = []
         self.state: dict[str, Any] = {}
+        # The error object of a request refused before any handler sees it (default: OpenAI's).
+        self.error_shape: ErrorShape | None = None
         self._exact: dict[str, _Route] = {}
         self._patterns: list[_Route] = []
         self._not_found: Handler = functools.partial(_raise, 404, {})
