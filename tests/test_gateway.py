@@ -761,7 +761,7 @@ async def test_netfly_serve_command(scripted: Scripted, stop_signal: signal.Sign
             await process.wait()
     assert process.returncode == 0
     log = "".join(head) + stderr.decode()
-    assert f"listening on http://127.0.0.1:{port}" in log
+    assert f"listening on http://127.0.0.1:{port}" in log and "gateway stopped" in log
     assert f"event loop: {'asyncio' if loop == 'asyncio' else 'uvloop'}" in log  # uvloop is a dependency
     assert "GET /health 401 " in log and "POST /v1/chat/completions 200 " in log
     assert TOKEN not in log

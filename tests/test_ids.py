@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from netfly import _ids
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -26,6 +28,9 @@ def test_each_process_draws_its_own_prefix() -> None:
     assert len(firsts) == 3 and all(_HEX32.fullmatch(i) for i in firsts)
 
 
+# Python 3.12+ warns that forking a multi-threaded process (pytest's, here) may deadlock the child:
+# this child only draws an id and writes it to a pipe.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     reader, writer = os.pipe()
     pid = os.fork()

@@ -1,7 +1,7 @@
 """Running the gateway: bind, guard the connections, serve until told to stop, shut down cleanly.
 
-On SIGTERM (or ``runner.cleanup()``) the gateway stops accepting connections, closes idle ones and
-gives the requests in flight ``shutdown_timeout`` seconds (the grace) to finish. A request still
+On SIGTERM or SIGINT (or ``runner.cleanup()``) the gateway stops accepting connections, closes idle
+ones and gives the requests in flight ``shutdown_timeout`` seconds (the grace) to finish. A request still
 running after the grace is cut on purpose: a stream gets one last ``data:`` event with an error of
 type ``server_shutdown`` (and no ``[DONE]``), a request whose answer has not started gets a 503 of
 that type, and the access log says ``server shutdown`` rather than "client disconnected".
@@ -110,8 +110,9 @@ async def serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before listening: whoever sees the port answer (or the "listening" line) may send SIGTERM at
-    # once, and it must stop the gateway gracefully, not kill it with the default action.
-    installed = _on_signals(loop, (signal.SIGTERM,), stop.set)
+    # once, and it must stop the gateway gracefully, not kill it with the default action. SIGINT too:
+    # Python 3.10's asyncio.run leaves Ctrl-C to KeyboardInterrupt, which uvloop can miss for good.
+    installed = _on_signals(loop, (signal.SIGTERM, signal.SIGINT), stop.set)
     try:
         runner = await start(app, host, port, shutdown_timeout=shutdown_timeout, limits=limits,
                              reuse_port=reuse_port)
