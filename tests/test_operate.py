@@ -232,10 +232,12 @@ async def test_burst_over_rpm_gets_429_with_headers_then_recovers(scripted: Scri
         await gw.ask("m")
     await asyncio.sleep(1.1)
     status, headers, _ = await gw.raw("POST", "/v1/chat/completions", ALICE, body)
-    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+    # The token refilled in that second was taken (a loaded machine may have refilled one more).
+    assert status == 200 and int(headers["x-ratelimit-remaining-requests"]) <= 1
+    left = int(headers["x-ratelimit-remaining-requests"])
     status, headers, _ = await gw.raw("GET", "/v1/models", ALICE)  # every response has them; reading is free
     assert status == 200 and headers["x-ratelimit-limit-requests"] == "60"
-    assert headers["x-ratelimit-remaining-requests"] == "0" and "x-ratelimit-limit-tokens" not in headers
+    assert int(headers["x-ratelimit-remaining-requests"]) >= left and "x-ratelimit-limit-tokens" not in headers
     assert len(up.requests) == allowed + 1  # refused requests never reached the upstream
 
 
